@@ -1,0 +1,173 @@
+"""The ``icelora`` command line: ``icelora edit`` and ``icelora demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from icelora.config import EditConfig
+from icelora.errors import IceloraError
+
+log = logging.getLogger("icelora")
+
+
+def normalise(text: str) -> str:
+    """Lower-case with runs of whitespace collapsed, for comparing generations with targets."""
+    return " ".join(text.split()).lower()
+
+
+def starts_with_target(generation: str, target: str) -> bool:
+    """True when the generation starts with the target (whitespace and case normalised)."""
+    return normalise(generation).startswith(normalise(target))
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"4,5,6"`` or ``"4-8"`` (inclusive) into layer indices."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {text!r}: give indices like 4,5,6 or a range like 4-8") from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from icelora.methods import METHODS
+    from icelora.models import EMBEDDED_MODEL
+
+    parser.add_argument("--model", default=EMBEDDED_MODEL,
+                        help=f"embedded {EMBEDDED_MODEL!r} (default), a local model folder or a hub id")
+    parser.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default ice-lora)")
+    parser.add_argument("--config", default=None, help="YAML file of configuration keys (flags override it)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--steps", type=int, default=None, dest="max_steps", help="maximum optimizer steps")
+    parser.add_argument("--lr", type=float, default=None, dest="learning_rate", help="learning rate")
+    parser.add_argument("--lambda", type=float, default=None, dest="lambda_ice", help="weight of the ICE term")
+    parser.add_argument("--rank", type=int, default=None, dest="lora_rank", help="LoRA rank (default 16)")
+    parser.add_argument("--layers", type=parse_layers, default=None, help="layers to edit, e.g. 4-8 or 3,5")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="length of the printed continuations")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
+
+
+def resolve_config(args: argparse.Namespace) -> EditConfig:
+    """The method's preset, then the ``--config`` file, then the flags; sets ``args.method``."""
+    from icelora.config import read_config_file
+    from icelora.methods import method_config
+
+    settings = read_config_file(args.config) if args.config else {}
+    file_method = settings.pop("method", None)
+    args.method = args.method or file_method or "ice-lora"
+    keys = ("seed", "max_steps", "learning_rate", "lambda_ice", "lora_rank", "layers")
+    flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return method_config(args.method, **{**settings, **flags})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icelora", description="Knowledge editing with ICE trained into LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="edit one fact and show the greedy continuation before and after")
+    edit.add_argument("--prompt", required=True, help="text the new fact completes")
+    edit.add_argument("--target", required=True, help="the new completion")
+    edit.add_argument("--context", action="append", default=[], help="a sentence stating the new fact (repeatable)")
+    edit.add_argument("--subject", default=None, help="the entity the fact is about")
+    edit.add_argument("--check", action="append", default=[], help="an unrelated prompt that must not change")
+    edit.add_argument("--save", default=None, help="folder to save the edit in (adapter + ledger)")
+    edit.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_model_arguments(edit)
+
+    demo = sub.add_parser("demo", help="three counterfactual edits on the embedded model, before and after")
+    add_model_arguments(demo)
+    return parser
+
+
+def run_edit(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything cheap first, then load, edit, compare and (optionally) save."""
+    from pathlib import Path
+
+    from icelora.icelora_editor import ICELoRAEditor, check_save_target
+    from icelora.models import load_model
+    from icelora.request import EditRequest
+
+    request = EditRequest(prompt=args.prompt, target=args.target, subject=args.subject,
+                          contexts=tuple(args.context))
+    for i, check in enumerate(args.check):
+        if not check.strip():
+            raise IceloraError(f"--check {i + 1} is empty")
+    config = resolve_config(args)
+    if args.save:
+        check_save_target(Path(args.save))
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    editor = ICELoRAEditor(loaded, method=args.method, config=config)
+    editor.check_request(request)
+
+    prompts = [request.prompt, *args.check]
+    before = editor.generate_many(prompts, args.max_new_tokens)
+    result = editor.edit(request, progress=not args.quiet)
+    after = editor.generate_many(prompts, args.max_new_tokens)
+    if args.save:
+        editor.save(args.save)
+        log.info("saved the edit to %s", args.save)
+    trainable, total = editor.parameter_counts()
+    return {
+        "prompt": request.prompt, "target": request.target, "method": args.method, "model": args.model,
+        "before": before[0], "after": after[0], "success": starts_with_target(after[0], request.target),
+        "edit_seconds": round(result.seconds, 3), "steps": result.steps,
+        "trainable_params": trainable, "total_params": total,
+        "checks": [{"prompt": p, "before": b, "after": a, "unchanged": a == b}
+                   for p, b, a in zip(args.check, before[1:], after[1:])],
+    }
+
+
+def print_edit_report(report: dict[str, Any]) -> None:
+    print(f"prompt : {report['prompt']}")
+    print(f"target : {report['target']}   ({report['method']} on {report['model']})")
+    print(f"before : {report['before']}")
+    print(f"after  : {report['after']}")
+    print(f"success: {report['success']}   {report['steps']} steps, {report['edit_seconds']:.2f} s, "
+          f"{report['trainable_params']:,} of {report['total_params']:,} parameters trained")
+    for check in report["checks"]:
+        print(f"check  : {check['prompt']}")
+        print(f"  before: {check['before']}")
+        print(f"  after : {check['after']}   ({'unchanged' if check['unchanged'] else 'CHANGED'})")
+
+
+def configure_logging(quiet: bool) -> None:
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``icelora`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.quiet)
+    try:
+        if args.command == "edit":
+            report = run_edit(args)
+            if args.json:
+                print(json.dumps(report, ensure_ascii=False))
+            else:
+                print_edit_report(report)
+        elif args.command == "demo":
+            from icelora.demo import run_demo
+
+            run_demo(args)
+    except IceloraError as exc:
+        print(f"icelora: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

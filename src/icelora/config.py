@@ -1,0 +1,140 @@
+"""The configuration of one editing run: objective, parameterization and their hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icelora.architecture import MODULE_ROLES
+from icelora.errors import InvalidConfigError
+
+OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
+PARAMETERIZATIONS = ("lora", "full")
+
+
+@dataclass
+class EditConfig:
+    """Every knob of the editing loop. Methods (``icelora.methods``) are named presets of it.
+
+    objective: ``ft`` (cross-entropy on the target tokens), ``ft-last`` (the target tokens scored at
+        the last prompt position, EasyEdit's FT-L), ``ice`` (``L_FT + lambda_ice * L_ICE``) or
+        ``ice-reference`` (the ICE reference implementation's loss terms).
+    parameterization: ``lora`` (PEFT adapters) or ``full`` (the selected weight matrices themselves).
+    layers: decoder layers to edit; ``None`` picks 5 consecutive layers at ~15% depth.
+    target_modules: roles to edit in those layers: ``attn_qv``, ``mlp_in``, ``mlp_out``.
+    clamp: for ``full``, keep every trained element within ``theta0 +- clamp`` (``None``: no clamp).
+    num_contexts / samples_per_context / completion_length / temperature: the ICE sampling of
+        self-induced completions ``x_c`` from the context-conditioned model.
+    early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
+        cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
+        ``early_stop_patience`` consecutive steps.
+    """
+
+    objective: str = "ice"
+    parameterization: str = "lora"
+    learning_rate: float = 1e-3
+    max_steps: int = 25
+    lambda_ice: float = 0.5
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    layers: list[int] | None = None
+    target_modules: list[str] = field(default_factory=lambda: ["attn_qv", "mlp_in", "mlp_out"])
+    clamp: float | None = None
+    weight_decay: float = 0.0
+    num_contexts: int = 5
+    samples_per_context: int = 1
+    completion_length: int = 3
+    temperature: float = 1.0
+    context_template: str = "{context} {prompt}"
+    early_stopping: bool = False
+    early_stop_patience: int = 2
+    early_stop_tolerance: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidConfigError` naming the first bad field."""
+        if self.objective not in OBJECTIVES:
+            raise InvalidConfigError(f"objective {self.objective!r} is unknown; choose from {list(OBJECTIVES)}")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise InvalidConfigError(
+                f"parameterization {self.parameterization!r} is unknown; choose from {list(PARAMETERIZATIONS)}"
+            )
+        positive_ints = ("max_steps", "lora_rank", "num_contexts", "samples_per_context",
+                         "completion_length", "early_stop_patience")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
+        positive_floats = ("learning_rate", "lora_alpha", "temperature")
+        for name in positive_floats:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise InvalidConfigError(f"{name} must be a positive number, got {value!r}")
+        non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise InvalidConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.clamp is not None and not self.clamp > 0:
+            raise InvalidConfigError(f"clamp must be a positive number or null, got {self.clamp!r}")
+        if self.layers is not None and (
+            not self.layers or not all(isinstance(x, int) and x >= 0 for x in self.layers)
+        ):
+            raise InvalidConfigError(f"layers must be a non-empty list of layer indices, got {self.layers!r}")
+        bad_roles = [r for r in self.target_modules if r not in MODULE_ROLES]
+        if not self.target_modules or bad_roles:
+            raise InvalidConfigError(
+                f"target_modules {self.target_modules!r} must be a non-empty subset of {list(MODULE_ROLES)}"
+            )
+        if "{context}" not in self.context_template or "{prompt}" not in self.context_template:
+            raise InvalidConfigError("context_template must contain {context} and {prompt}")
+
+    def replace(self, **changes: Any) -> EditConfig:
+        """A validated copy with some fields changed; unknown field names are an error."""
+        check_keys(changes, source="overrides")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of the configuration."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> EditConfig:
+        """Build from a mapping, rejecting unknown keys with the key named."""
+        check_keys(data, source=source)
+        return cls(**data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of ``EditConfig`` keys (plus an optional ``method``), checking every key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InvalidConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise InvalidConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidConfigError(f"{path}: must be a mapping of configuration keys")
+    check_keys({k: v for k, v in data.items() if k != "method"}, source=str(path))
+    return data
+
+
+def check_keys(data: dict[str, Any], source: str) -> None:
+    """Raise if ``data`` holds a key that is not an :class:`EditConfig` field."""
+    known = {f.name for f in dataclasses.fields(EditConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")

@@ -1,0 +1,1 @@
+"""Data helpers: context templates for requests without given contexts."""

@@ -1,0 +1,75 @@
+"""The one editing loop every method runs: objective, optimizer step, optional clamp, early stop."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from icelora.config import EditConfig
+from icelora.losses import Objective
+from icelora.parameterization import Parameterization
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """Loss parts of one optimizer step (measured before the step's update)."""
+
+    step: int
+    loss: float
+    ft: float
+    ice: float
+    target_learned: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def should_stop(history: list[StepRecord], config: EditConfig) -> bool:
+    """Early stop once the target is learned and its loss is flat.
+
+    Learned: the greedy, teacher-forced, context-free prediction of every target token is right in
+    each of the last ``early_stop_patience`` steps. Flat: over those steps the target cross-entropy
+    (``ft``, nats per token) moved by at most ``early_stop_tolerance`` from step to step. The ICE
+    term is left out of the test: it is a sampled estimate and never settles.
+    """
+    k = config.early_stop_patience
+    if len(history) < k + 1:
+        return False
+    recent = history[-(k + 1):]
+    if not all(r.target_learned for r in recent[1:]):
+        return False
+    return all(abs(b.ft - a.ft) <= config.early_stop_tolerance for a, b in itertools.pairwise(recent))
+
+
+def run_edit_loop(model: nn.Module, params: Parameterization, objective: Objective, config: EditConfig,
+                  progress: bool = True) -> list[StepRecord]:
+    """Minimise ``objective`` over ``params`` for at most ``config.max_steps`` Adam steps."""
+    optimizer = torch.optim.Adam(params.trainable_parameters(), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay)
+    history: list[StepRecord] = []
+    bar = tqdm(range(config.max_steps), desc="editing", leave=False, disable=not progress or None)
+    params.training(True)
+    try:
+        for step in bar:
+            parts = objective(model, step)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            optimizer.step()
+            params.after_step()
+            history.append(StepRecord(step, parts.loss.item(), parts.ft, parts.ice, parts.target_learned))
+            bar.set_postfix(loss=f"{history[-1].loss:.3f}")
+            log.debug("step %d loss %.4f ft %.4f ice %.4f learned %s", step, history[-1].loss,
+                      parts.ft, parts.ice, parts.target_learned)
+            if config.early_stopping and should_stop(history, config):
+                break
+    finally:
+        params.training(False)
+        bar.close()
+    return history

@@ -1,0 +1,271 @@
+"""``ICELoRAEditor``: edit a model, query it, undo the edit, and save or export it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icelora import __version__
+from icelora.architecture import (
+    ArchitectureMap,
+    count_parameters,
+    default_edit_layers,
+    inspect_architecture,
+    model_device,
+)
+from icelora.config import EditConfig
+from icelora.editing_loop import StepRecord, run_edit_loop
+from icelora.errors import AdapterFolderError, InvalidRequestError
+from icelora.losses import Objective, build_plan
+from icelora.methods import method_config
+from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
+from icelora.parameterization import make_parameterization
+from icelora.request import EditRequest
+from icelora.tokenization import check_encodable, pad_rows
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "icelora_ledger.json"
+LEDGER_FORMAT = 1
+
+RequestLike = EditRequest | dict[str, Any]
+
+
+@dataclass
+class EditResult:
+    """What one :meth:`ICELoRAEditor.edit` call did."""
+
+    requests: list[EditRequest]
+    method: str
+    steps: int
+    seconds: float
+    trainable_params: int
+    total_params: int
+    stopped_early: bool
+    history: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        """Total loss of every step."""
+        return [r.loss for r in self.history]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": [r.to_dict() for r in self.requests], "method": self.method, "steps": self.steps,
+                "seconds": self.seconds, "trainable_params": self.trainable_params,
+                "total_params": self.total_params, "stopped_early": self.stopped_early,
+                "history": [r.to_dict() for r in self.history]}
+
+
+def _as_requests(requests: RequestLike | Iterable[RequestLike]) -> list[EditRequest]:
+    items = [requests] if isinstance(requests, (EditRequest, dict)) else list(requests)
+    if not items:
+        raise InvalidRequestError("no edit request given")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(item if isinstance(item, EditRequest) else EditRequest.from_dict(item))
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"request {i}: {exc}") from None
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module, arch: ArchitectureMap) -> dict[str, Any]:
+    """Shape facts that must match between a saved edit and the model it is loaded into."""
+    config = model.config
+    return {"model_type": getattr(config, "model_type", None), "vocab_size": getattr(config, "vocab_size", None),
+            "num_layers": arch.num_layers, "hidden_size": arch.hidden_size}
+
+
+class ICELoRAEditor:
+    """Knowledge editor for a causal LM; ``method`` picks objective and parameterization.
+
+    >>> editor = ICELoRAEditor()                       # embedded SmolLM2-135M, ICE-LoRA
+    >>> editor.edit({"prompt": "The Eiffel Tower is located in the city of", "target": "Rome"})
+    >>> editor.generate("The Eiffel Tower is located in the city of")
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel = EMBEDDED_MODEL,
+        method: str = "ice-lora",
+        config: EditConfig | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.method = method
+        self.config = config.replace(**overrides) if config is not None else method_config(method, **overrides)
+        self.loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
+        self.tokenizer = self.loaded.tokenizer
+        base = self.loaded.model
+        base.eval()
+        base.requires_grad_(False)
+        self.architecture = inspect_architecture(base)
+        self.layers = list(self.config.layers or default_edit_layers(self.architecture.num_layers))
+        self.params = make_parameterization(base, self.architecture, self.config, self.layers)
+        self.model = self.params.model
+        self.ledger: list[EditRequest] = []
+
+    # -- editing -----------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the edited model."""
+        return count_parameters(self.model)
+
+    def check_request(self, request: EditRequest) -> None:
+        """Raise :class:`InvalidRequestError` if the tokenizer cannot encode the request's texts."""
+        check_encodable(self.tokenizer, request.prompt, "prompt")
+        check_encodable(self.tokenizer, request.target, "target")
+
+    def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True) -> EditResult:
+        """Write one request, or a list of them into one update, into the model."""
+        batch = _as_requests(requests)
+        for request in batch:
+            self.check_request(request)
+        plan = build_plan(self.tokenizer, batch, self.config)
+        objective = Objective(plan, self.config, model_device(self.model))
+        torch.manual_seed(self.config.seed)
+        start = time.perf_counter()
+        history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
+        if model_device(self.model).type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.ledger.extend(batch)
+        trainable, total = self.parameter_counts()
+        log.info("edited %d request(s) with %s in %d steps, %.2f s", len(batch), self.method, len(history), seconds)
+        return EditResult(requests=batch, method=self.method, steps=len(history), seconds=seconds,
+                          trainable_params=trainable, total_params=total,
+                          stopped_early=len(history) < self.config.max_steps, history=history)
+
+    def revert(self) -> None:
+        """Undo every edit: the model is exactly the unedited one again."""
+        self.params.revert()
+        self.ledger.clear()
+
+    # -- querying ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_many(self, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy continuations of ``prompts`` (without the prompt, special tokens dropped)."""
+        for i, prompt in enumerate(prompts):
+            if not prompt or not prompt.strip():
+                raise InvalidRequestError(f"prompt {i} is empty")
+        rows = [self.tokenizer(p.strip())["input_ids"] for p in prompts]
+        batch = pad_rows(rows, self.tokenizer.pad_token_id, side="left", device=model_device(self.model))
+        eos = self.tokenizer.eos_token_id
+        out = self.model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+            temperature=None, top_p=None, top_k=None,
+        )
+        width = batch.input_ids.shape[1]
+        return [self.tokenizer.decode(seq[width:], skip_special_tokens=True).strip() for seq in out]
+
+    def generate(self, prompt: str, max_new_tokens: int = 16) -> str:
+        """Greedy continuation of ``prompt``."""
+        return self.generate_many([prompt], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def logits(self, text: str) -> torch.Tensor:
+        """Next-token logits at every position of ``text`` ([tokens, vocab])."""
+        ids = torch.tensor([self.tokenizer(text)["input_ids"]], device=model_device(self.model))
+        return self.model(input_ids=ids).logits[0]
+
+    # -- persistence -------------------------------------------------------------------------
+    def ledger_dict(self) -> dict[str, Any]:
+        """The JSON ledger saved beside the weights: model, method, configuration and edits."""
+        trainable, total = self.parameter_counts()
+        return {"format": "icelora-edit", "format_version": LEDGER_FORMAT, "icelora_version": __version__,
+                "model": self.model_name, "model_fingerprint": model_fingerprint(self.loaded.model, self.architecture),
+                "method": self.method, "config": self.config.to_dict(), "layers": self.layers,
+                "modules": self.params.module_names, "trainable_params": trainable, "total_params": total,
+                "requests": [r.to_dict() for r in self.ledger]}
+
+    def save(self, folder: str | Path) -> Path:
+        """Save the edit: adapter (or edited matrices) in safetensors plus the ledger.
+
+        An existing folder is replaced only if it is an icelora edit folder; the new one is
+        written beside it first, so a failure leaves nothing half-written.
+        """
+        target = Path(folder)
+        check_save_target(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            self.params.save(staging)
+            (staging / LEDGER_FILE).write_text(json.dumps(self.ledger_dict(), indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, folder: str | Path, model: str | LoadedModel | None = None, device: str | None = None,
+             dtype: str | torch.dtype | None = None) -> ICELoRAEditor:
+        """An editor holding the edit saved in ``folder`` (on ``model``, else the ledger's model)."""
+        path = Path(folder)
+        ledger = read_ledger(path)
+        editor = cls(model if model is not None else ledger["model"], method=ledger["method"],
+                     config=EditConfig.from_dict(ledger["config"], source=str(path / LEDGER_FILE)),
+                     device=device, dtype=dtype)
+        expected = ledger.get("model_fingerprint")
+        actual = model_fingerprint(editor.loaded.model, editor.architecture)
+        if expected and expected != actual:
+            raise AdapterFolderError(f"{path} was saved from a different model ({expected}), not {actual}")
+        editor.params.load(path)
+        editor.ledger = [EditRequest.from_dict(r) for r in ledger.get("requests", [])]
+        return editor
+
+    def export_merged(self, folder: str | Path) -> Path:
+        """Write the edited model as a plain Hugging Face model folder (adapters merged)."""
+        target = Path(folder)
+        if target.exists() and any(target.iterdir()):
+            raise AdapterFolderError(f"{target} exists and is not empty")
+        target.mkdir(parents=True, exist_ok=True)
+        base = self.loaded.model
+        state = {k: v.detach().contiguous() for k, v in self.params.merged_state_dict().items()}
+        base.save_pretrained(str(target), state_dict=state)
+        self.tokenizer.save_pretrained(str(target))
+        (target / LEDGER_FILE).write_text(json.dumps(self.ledger_dict(), indent=2) + "\n")
+        return target
+
+
+def read_ledger(folder: Path) -> dict[str, Any]:
+    """The ledger of an icelora edit folder, or an error saying why ``folder`` is not one."""
+    path = folder / LEDGER_FILE
+    if not path.is_file():
+        raise AdapterFolderError(f"{folder} is not an icelora edit folder (no {LEDGER_FILE})")
+    try:
+        ledger = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFolderError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(ledger, dict) or ledger.get("format") != "icelora-edit":
+        raise AdapterFolderError(f"{path}: not an icelora ledger")
+    for key in ("model", "method", "config"):
+        if key not in ledger:
+            raise AdapterFolderError(f"{path}: field {key!r} is missing")
+    return ledger
+
+
+def check_save_target(folder: Path) -> None:
+    """Raise unless ``folder`` is absent, empty, or an icelora edit folder (safe to replace)."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise AdapterFolderError(f"--save target {folder} exists and is not a folder")
+    if any(folder.iterdir()):
+        read_ledger(folder)

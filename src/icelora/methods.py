@@ -1,0 +1,39 @@
+"""Named editing methods: each one is an objective combined with a parameterization.
+
+FT-L, FT-M, LoRA, ICE and ICE-LoRA are presets of :class:`EditConfig`, run by the one editing loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from icelora.config import EditConfig
+from icelora.errors import InvalidConfigError
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # EasyEdit's FT-L: target tokens scored at the last prompt position, MLP output matrices,
+    # elementwise clamp around the original weights.
+    "ft-l": dict(objective="ft-last", parameterization="full", target_modules=["mlp_out"],
+                 learning_rate=5e-4, max_steps=25, clamp=5e-4),
+    # KnowEdit's FT-M: cross-entropy on the target tokens, MLP output matrices.
+    "ft-m": dict(objective="ft", parameterization="full", target_modules=["mlp_out"],
+                 learning_rate=5e-4, max_steps=25),
+    # Cross-entropy on the target, trained into LoRA adapters.
+    "lora": dict(objective="ft", parameterization="lora", learning_rate=2e-3, max_steps=25),
+    # ICE as published: the reference objective on full MLP output matrices with the clamp.
+    "ice": dict(objective="ice-reference", parameterization="full", target_modules=["mlp_out"],
+                learning_rate=7e-4, max_steps=25, clamp=5e-4, temperature=100.0, completion_length=3),
+    # ICE-LoRA: the clean ICE objective trained into LoRA adapters, with early stopping.
+    "ice-lora": dict(objective="ice", parameterization="lora", learning_rate=2e-3, max_steps=25,
+                     lambda_ice=0.5, early_stopping=True),
+}
+
+METHODS = tuple(METHOD_PRESETS)
+
+
+def method_config(method: str, **overrides: Any) -> EditConfig:
+    """The preset of ``method`` with ``overrides`` applied (``None`` values are ignored)."""
+    if method not in METHOD_PRESETS:
+        raise InvalidConfigError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    settings = {**METHOD_PRESETS[method], **{k: v for k, v in overrides.items() if v is not None}}
+    return EditConfig.from_dict(settings, source=f"method {method!r}")

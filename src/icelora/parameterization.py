@@ -1,0 +1,151 @@
+"""What an edit trains: LoRA adapters, or selected full weight matrices.
+
+Both keep a snapshot of their trainable tensors' starting values, so reverting an edit is a copy
+back to that snapshot: exactly the unedited model (LoRA starts with ``B = 0``, a zero update).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from icelora.architecture import ArchitectureMap
+from icelora.config import EditConfig
+from icelora.errors import AdapterFolderError
+from icelora.lora_utils import ADAPTER_NAME, attach_lora, build_lora_config, merged_state_dict
+
+FULL_WEIGHTS_FILE = "edited_weights.safetensors"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class Parameterization(ABC):
+    """The trainable part of an edit. ``model`` is what the editor runs (wrapped for LoRA)."""
+
+    model: nn.Module
+    module_names: list[str]
+
+    @abstractmethod
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """The tensors the optimizer updates, by name."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.named_trainable().values())
+
+    def _take_snapshot(self) -> None:
+        self.snapshot = {n: p.detach().clone() for n, p in self.named_trainable().items()}
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (the full-matrix clamp)."""
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        """Copy every trainable tensor back to its starting value."""
+        for name, param in self.named_trainable().items():
+            param.copy_(self.snapshot[name])
+
+    def training(self, on: bool) -> None:
+        """Switch the modules whose behaviour differs in training (adapter dropout) on or off."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> None:
+        """Write the trained tensors to ``folder`` in safetensors."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None:
+        """Read tensors written by :meth:`save` into the model."""
+
+    @abstractmethod
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """A plain state dict of the edited model, loadable by ``from_pretrained``."""
+
+
+class LoraParameterization(Parameterization):
+    """PEFT LoRA adapters on the chosen roles and layers."""
+
+    def __init__(self, model: nn.Module, arch: ArchitectureMap, config: EditConfig, layers: list[int]) -> None:
+        self.lora_config = build_lora_config(arch, config, layers)
+        self.module_names = list(self.lora_config.target_modules)
+        self.model = attach_lora(model, self.lora_config, config.seed)
+        self.model.eval()
+        self._take_snapshot()
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def training(self, on: bool) -> None:
+        for name, module in self.model.named_modules():
+            if name.endswith(f"lora_dropout.{ADAPTER_NAME}"):
+                module.train(on)
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+
+    def load(self, folder: Path) -> None:
+        path = folder / ADAPTER_WEIGHTS_FILE
+        if not path.exists():
+            raise AdapterFolderError(f"{folder}: no {ADAPTER_WEIGHTS_FILE}")
+        result = set_peft_model_state_dict(self.model, load_file(str(path)), adapter_name=ADAPTER_NAME)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise AdapterFolderError(f"{path}: tensors that fit no adapter of this model: {unexpected[:3]}")
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        return merged_state_dict(self.model)
+
+
+class FullMatrixParameterization(Parameterization):
+    """The selected weight matrices themselves, optionally clamped to ``theta0 +- clamp``."""
+
+    def __init__(self, model: nn.Module, arch: ArchitectureMap, config: EditConfig, layers: list[int]) -> None:
+        self.model = model
+        self.clamp = config.clamp
+        self.module_names = arch.module_names(layers, config.target_modules)
+        self._params = {f"{name}.weight": model.get_submodule(name).weight for name in self.module_names}
+        for param in self._params.values():
+            param.requires_grad_(True)
+        self._take_snapshot()
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return self._params
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.clamp is None:
+            return
+        for name, param in self._params.items():
+            original = self.snapshot[name]
+            param.copy_(torch.clamp(param, original - self.clamp, original + self.clamp))
+
+    def save(self, folder: Path) -> None:
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self._params.items()}
+        save_file(tensors, str(folder / FULL_WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @torch.no_grad()
+    def load(self, folder: Path) -> None:
+        path = folder / FULL_WEIGHTS_FILE
+        if not path.exists():
+            raise AdapterFolderError(f"{folder}: no {FULL_WEIGHTS_FILE}")
+        tensors = load_file(str(path))
+        if set(tensors) != set(self._params):
+            raise AdapterFolderError(f"{path}: holds {sorted(tensors)[:3]}..., expected {sorted(self._params)[:3]}...")
+        for name, param in self._params.items():
+            if tensors[name].shape != param.shape:
+                raise AdapterFolderError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                         f"the model's is {tuple(param.shape)}")
+            param.copy_(tensors[name].to(param.device, param.dtype))
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+
+def make_parameterization(model: nn.Module, arch: ArchitectureMap, config: EditConfig,
+                          layers: list[int]) -> Parameterization:
+    """The parameterization ``config.parameterization`` names."""
+    if config.parameterization == "lora":
+        return LoraParameterization(model, arch, config, layers)
+    return FullMatrixParameterization(model, arch, config, layers)

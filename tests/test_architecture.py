@@ -1,0 +1,50 @@
+"""Editable modules are found by inspecting the model, for GPT-2 (Conv1D) and Llama (Linear)."""
+
+from __future__ import annotations
+
+import pytest
+
+from icelora.architecture import count_parameters, default_edit_layers, inspect_architecture
+from icelora.errors import ModelLoadError
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def test_gpt2_layout():
+    arch = inspect_architecture(tiny_gpt2().model)
+    assert arch.layers_path == "transformer.h"
+    assert arch.attn_query == arch.attn_value == "attn.c_attn"
+    assert arch.mlp_in == ("mlp.c_fc",)
+    assert arch.mlp_out == "mlp.c_proj"
+    assert arch.uses_conv1d
+    assert arch.module_names([1], ["attn_qv", "mlp_out"]) == ["transformer.h.1.attn.c_attn",
+                                                              "transformer.h.1.mlp.c_proj"]
+
+
+def test_llama_layout():
+    arch = inspect_architecture(tiny_llama().model)
+    assert arch.layers_path == "model.layers"
+    assert (arch.attn_query, arch.attn_value) == ("self_attn.q_proj", "self_attn.v_proj")
+    assert arch.mlp_in == ("mlp.gate_proj", "mlp.up_proj")
+    assert arch.mlp_out == "mlp.down_proj"
+    assert not arch.uses_conv1d
+    assert arch.module_names([0, 2], ["mlp_out"]) == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+
+
+def test_layers_out_of_range_are_refused():
+    arch = inspect_architecture(tiny_llama().model)
+    with pytest.raises(ModelLoadError, match="layer 7 does not exist"):
+        arch.module_names([7], ["mlp_out"])
+
+
+def test_default_layers():
+    assert default_edit_layers(32) == [5, 6, 7, 8, 9]
+    assert default_edit_layers(30) == [4, 5, 6, 7, 8]
+    assert default_edit_layers(48) == [7, 8, 9, 10, 11]
+    assert default_edit_layers(3) == [0, 1, 2]
+
+
+def test_parameter_count_counts_tied_weights_once():
+    model = tiny_gpt2().model  # lm_head is tied to the token embedding
+    _trainable, total = count_parameters(model)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert total < sum(p.numel() for p in model.state_dict().values())

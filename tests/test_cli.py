@@ -1,0 +1,82 @@
+"""``icelora edit`` refuses bad input with one error line and exit status 2, writing nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from icelora.cli import main, parse_layers, starts_with_target
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture
+def tiny_llama_folder(tmp_path):
+    loaded = tiny_llama()
+    folder = tmp_path / "tiny-llama"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("icelora: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prompt", "  ", "--target", "Rome"], "prompt is empty"),
+    (["--prompt", "The city of", "--target", ""], "target is empty"),
+    (["--prompt", "The city of", "--target", "Rome", "--method", "rome"], "unknown method 'rome'"),
+    (["--prompt", "The city of", "--target", "Rome", "--rank", "0"], "lora_rank must be a positive integer"),
+    (["--prompt", "The city of", "--target", "Rome", "--model", "no-such-org/no-such-model"],
+     "unknown model 'no-such-org/no-such-model'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, "edit", *argv)
+    assert code == 2
+    assert message in error_line(err)
+    assert out == ""
+
+
+def test_save_over_a_foreign_folder_is_refused_before_any_work(capsys, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "paper.tex").write_text("draft")
+    code, _out, err = run_cli(capsys, "edit", "--prompt", "The city of", "--target", "Rome", "--save", str(folder))
+    assert code == 2 and "not an icelora edit folder" in error_line(err)
+    assert [p.name for p in folder.iterdir()] == ["paper.tex"]
+
+
+def test_unencodable_target_on_a_local_model_folder(capsys, tmp_path, tiny_llama_folder):
+    save = tmp_path / "edit"
+    code, _out, err = run_cli(capsys, "edit", "--model", str(tiny_llama_folder), "--prompt", "The city of",
+                             "--target", "漢字", "--save", str(save), "-q")
+    assert code == 2 and "cannot encode" in error_line(err)
+    assert not save.exists()
+
+
+def test_a_local_model_folder_edits_and_saves(capsys, tmp_path, tiny_llama_folder):
+    import json
+
+    save = tmp_path / "edit"
+    code, out, err = run_cli(capsys, "edit", "--model", str(tiny_llama_folder), "--prompt", "The city of",
+                             "--target", "Rome", "--steps", "2", "--layers", "0-1", "--save", str(save),
+                             "--check", "Q:", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["steps"] == 2 and report["checks"][0]["prompt"] == "Q:"
+    assert (save / "adapter_model.safetensors").exists() and (save / "icelora_ledger.json").exists()
+
+
+def test_helpers():
+    assert starts_with_target("  rome, Italy", "Rome")
+    assert starts_with_target("New  York City", "new york")
+    assert not starts_with_target("Paris", "Rome")
+    assert parse_layers("4-6") == [4, 5, 6]
+    assert parse_layers("1,3") == [1, 3]

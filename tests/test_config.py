@@ -1,0 +1,45 @@
+"""Configuration and method presets refuse bad values with the field named."""
+
+from __future__ import annotations
+
+import pytest
+
+from icelora.config import EditConfig
+from icelora.errors import InvalidConfigError
+from icelora.methods import METHODS, method_config
+
+
+def test_every_method_is_a_valid_preset():
+    assert set(METHODS) == {"ft-l", "ft-m", "lora", "ice", "ice-lora"}
+    combos = {m: (method_config(m).objective, method_config(m).parameterization) for m in METHODS}
+    assert combos == {"ft-l": ("ft-last", "full"), "ft-m": ("ft", "full"), "lora": ("ft", "lora"),
+                      "ice": ("ice-reference", "full"), "ice-lora": ("ice", "lora")}
+    assert method_config("ice").clamp == 5e-4
+    assert method_config("ice-lora").early_stopping and not method_config("ice").early_stopping
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"lora_rank": 0}, "lora_rank"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"lambda_ice": -0.5}, "lambda_ice"),
+    ({"target_modules": ["attn_k"]}, "target_modules"),
+    ({"layers": []}, "layers"),
+    ({"clamp": 0.0}, "clamp"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(InvalidConfigError, match=field):
+        method_config("ice-lora", **overrides)
+
+
+def test_unknown_method_and_key():
+    with pytest.raises(InvalidConfigError, match="unknown method 'rome'"):
+        method_config("rome")
+    with pytest.raises(InvalidConfigError, match="lora_rnak"):
+        EditConfig.from_dict({"lora_rnak": 8})
+    with pytest.raises(InvalidConfigError, match="lora_rnak"):
+        EditConfig().replace(lora_rnak=8)
+
+
+def test_round_trip():
+    config = method_config("ice-lora", layers=[1, 2], seed=7)
+    assert EditConfig.from_dict(config.to_dict()) == config

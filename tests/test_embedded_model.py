@@ -1,0 +1,64 @@
+"""Integration tests on the real embedded SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from icelora import ICELoRAEditor, load_model
+from icelora.cli import starts_with_target
+
+pytestmark = pytest.mark.slow
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+def test_cli_edit_json(tmp_path):
+    """The command from the README: one JSON object on stdout, the edit made, the check unchanged."""
+    save = tmp_path / "eiffel"
+    proc = subprocess.run(
+        [sys.executable, "-m", "icelora.cli", "edit", "--prompt", EIFFEL, "--target", "Rome",
+         "--check", "The capital of France is", "--save", str(save), "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert set(report) == {"prompt", "target", "method", "model", "before", "after", "success", "edit_seconds",
+                           "steps", "trainable_params", "total_params", "checks"}
+    assert report["method"] == "ice-lora" and report["model"] == "smollm2-135m"
+    assert not starts_with_target(report["before"], "Rome")
+    assert report["success"] is True and starts_with_target(report["after"], "Rome")
+    assert report["checks"][0]["unchanged"] is True
+    assert report["checks"][0]["before"] == report["checks"][0]["after"]
+    assert 0 < report["trainable_params"] / report["total_params"] < 0.02
+
+    # the saved adapter reproduces the edit, through icelora and through plain PEFT
+    editor = ICELoRAEditor.load(save)
+    assert starts_with_target(editor.generate(EIFFEL), "Rome")
+    base = load_model("smollm2-135m")
+    peft_model = PeftModel.from_pretrained(base.model, str(save))
+    ids = torch.tensor([base.tokenizer(EIFFEL)["input_ids"]])
+    torch.testing.assert_close(peft_model(input_ids=ids).logits[0], editor.logits(EIFFEL), atol=1e-5, rtol=1e-5)
+
+
+def test_ice_lora_edit_then_revert(embedded):
+    prompt, unrelated = "The mother tongue of Danielle Darrieux is", "The capital of Japan is"
+    editor = ICELoRAEditor(embedded, method="ice-lora")
+    before, unrelated_before = editor.generate_many([prompt, unrelated])
+    assert not starts_with_target(before, "English")
+    original_logits = editor.logits(prompt)
+
+    result = editor.edit({"prompt": prompt, "target": "English"}, progress=False)
+    after, unrelated_after = editor.generate_many([prompt, unrelated])
+    assert starts_with_target(after, "English"), after
+    assert unrelated_after == unrelated_before
+    assert result.steps <= editor.config.max_steps and result.history[-1].target_learned
+
+    editor.revert()
+    assert editor.generate(prompt) == before
+    assert torch.equal(editor.logits(prompt), original_logits)
