@@ -48,3 +48,12 @@ def test_parameter_count_counts_tied_weights_once():
     _trainable, total = count_parameters(model)
     assert total == sum(p.numel() for p in model.parameters())
     assert total < sum(p.numel() for p in model.state_dict().values())
+
+
+def test_layout_is_the_same_inside_lora_wrappers():
+    from icelora import ICELoRAEditor
+
+    loaded = tiny_llama()
+    plain = inspect_architecture(loaded.model)
+    editor = ICELoRAEditor(loaded, method="ice-lora", layers=[0, 1])
+    assert inspect_architecture(editor.model) == plain

@@ -43,3 +43,28 @@ def test_unknown_method_and_key():
 def test_round_trip():
     config = method_config("ice-lora", layers=[1, 2], seed=7)
     assert EditConfig.from_dict(config.to_dict()) == config
+
+
+def test_example_config_file_is_the_ice_lora_preset():
+    from pathlib import Path
+
+    from icelora.config import read_config_file
+
+    settings = read_config_file(Path(__file__).parents[1] / "configs" / "edit_ice_lora.yaml")
+    method = settings.pop("method")
+    assert method == "ice-lora"
+    assert EditConfig.from_dict(settings) == method_config("ice-lora")
+
+
+def test_config_file_errors_name_the_file_and_key(tmp_path):
+    from icelora.config import read_config_file
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.001\nlamda_ice: 0.5\n")
+    with pytest.raises(InvalidConfigError, match=r"bad\.yaml.*lamda_ice"):
+        read_config_file(bad)
+    with pytest.raises(InvalidConfigError, match="does not exist"):
+        read_config_file(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(InvalidConfigError, match="must be a mapping"):
+        read_config_file(tmp_path / "list.yaml")

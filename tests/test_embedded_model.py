@@ -47,15 +47,17 @@ def test_cli_edit_json(tmp_path):
 
 
 def test_ice_lora_edit_then_revert(embedded):
-    prompt, unrelated = "The mother tongue of Danielle Darrieux is", "The capital of Japan is"
+    prompt, paraphrase = EIFFEL, "The Eiffel Tower can be found in the city of"
+    unrelated = ["The capital of Japan is", "The capital of Germany is"]
     editor = ICELoRAEditor(embedded, method="ice-lora")
-    before, unrelated_before = editor.generate_many([prompt, unrelated])
-    assert not starts_with_target(before, "English")
+    before, paraphrase_before, *unrelated_before = editor.generate_many([prompt, paraphrase, *unrelated])
+    assert not starts_with_target(before, "Rome") and not starts_with_target(paraphrase_before, "Rome")
     original_logits = editor.logits(prompt)
 
-    result = editor.edit({"prompt": prompt, "target": "English"}, progress=False)
-    after, unrelated_after = editor.generate_many([prompt, unrelated])
-    assert starts_with_target(after, "English"), after
+    result = editor.edit({"prompt": prompt, "target": "Rome"}, progress=False)
+    after, paraphrase_after, *unrelated_after = editor.generate_many([prompt, paraphrase, *unrelated])
+    assert starts_with_target(after, "Rome"), after
+    assert starts_with_target(paraphrase_after, "Rome"), paraphrase_after  # not trained on
     assert unrelated_after == unrelated_before
     assert result.steps <= editor.config.max_steps and result.history[-1].target_learned
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
 from icelora.architecture import (
@@ -24,7 +25,7 @@ from icelora.architecture import (
 )
 from icelora.config import EditConfig
 from icelora.editing_loop import StepRecord, run_edit_loop
-from icelora.errors import AdapterFolderError, InvalidRequestError
+from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.losses import Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
@@ -107,6 +108,9 @@ class ICELoRAEditor:
         self.loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
         self.tokenizer = self.loaded.tokenizer
         base = self.loaded.model
+        if any(isinstance(m, LoraLayer) for m in base.modules()):
+            raise InvalidConfigError("this model already carries adapters (is another editor holding it?); "
+                                     "load a fresh copy for each editor")
         base.eval()
         base.requires_grad_(False)
         self.architecture = inspect_architecture(base)
