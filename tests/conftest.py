@@ -21,6 +21,8 @@ CORPUS = [
     "The mother tongue of Danielle Darrieux is French.",
     "Remember this fact: Now: the answer is new information about the city.",
     "Q: A: It is well known that the latest records show.",
+    "The place of death of Leo Arons is Berlin. His father is Albert Arons. Is he still alive? No.",
+    "The taxon rank is genus; Geometridae and Owlet moths are a family. What family are they?",
 ] * 20
 
 

@@ -10,18 +10,9 @@ from typing import Any
 
 from icelora.config import EditConfig
 from icelora.errors import IceloraError
+from icelora.text import starts_with_target
 
 log = logging.getLogger("icelora")
-
-
-def normalise(text: str) -> str:
-    """Lower-case with runs of whitespace collapsed, for comparing generations with targets."""
-    return " ".join(text.split()).lower()
-
-
-def starts_with_target(generation: str, target: str) -> bool:
-    """True when the generation starts with the target (whitespace and case normalised)."""
-    return normalise(generation).startswith(normalise(target))
 
 
 def parse_layers(text: str) -> list[int]:
@@ -41,7 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=EMBEDDED_MODEL,
                         help=f"embedded {EMBEDDED_MODEL!r} (default), a local model folder or a hub id")
-    parser.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default ice-lora)")
+    parser.add_argument("--method", default=None,
+                        help=f"one of {', '.join(METHODS)} (default ice-lora); eval also takes 'none' (no edit)")
     parser.add_argument("--config", default=None, help="YAML file of configuration keys (flags override it)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU)")
@@ -81,6 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save", default=None, help="folder to save the edit in (adapter + ledger)")
     edit.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_model_arguments(edit)
+
+    evaluate = sub.add_parser("eval", help="benchmark metrics (KnowEdit-compatible) on ZsRE, WikiData_recent, ...")
+    evaluate.add_argument("--dataset", required=True,
+                          help="a KnowEdit/ICE/MEND JSON file or a short name: zsre, zsre-ice, recent, recent-train, "
+                               "zsre-mend")
+    evaluate.add_argument("--data-dir", default=None, help="folder of the short-named files (default ../shared/data "
+                                                          "when it exists, else ./data)")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N selected records")
+    evaluate.add_argument("--indices", default=None, help="records to use: a range like 0:200 or a list like 3,7")
+    evaluate.add_argument("--skip-invalid", action="store_true", help="skip bad records (listed in metrics.json)")
+    evaluate.add_argument("--output", required=True,
+                          help="output folder (cases.jsonl, metrics.json, run.json); a path ending in .json is "
+                               "the metrics file, with the folder beside it under the same name")
+    evaluate.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    evaluate.add_argument("--protocol", choices=("single", "sequential"), default="single")
+    evaluate.add_argument("--eval-every", type=int, default=None, help="sequential: evaluate every N edits")
+    evaluate.add_argument("--checkpoint", default=None, help="evaluate a saved edit (icelora train / edit --save)")
+    add_model_arguments(evaluate)
+
+    train = sub.add_parser("train", help="write a data set into one adapter (batch or sequential), resumable")
+    train.add_argument("--config", required=True, help="training YAML, e.g. configs/train_config.yaml")
+    train.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
 
     demo = sub.add_parser("demo", help="three counterfactual edits on the embedded model, before and after")
     add_model_arguments(demo)
@@ -159,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(report, ensure_ascii=False))
             else:
                 print_edit_report(report)
+        elif args.command == "eval":
+            from icelora.evaluation.command import run_eval
+
+            metrics = run_eval(args)
+            print(json.dumps({k: v for k, v in metrics.items() if k != "run"}, indent=2))
+        elif args.command == "train":
+            from icelora.training import read_train_config, train
+
+            summary = train(read_train_config(args.config), args.output_dir, resume=args.resume)
+            print(json.dumps(summary, indent=2))
         elif args.command == "demo":
             from icelora.demo import run_demo
 

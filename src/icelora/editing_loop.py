@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from icelora.config import EditConfig
-from icelora.losses import Objective
+from icelora.losses import LossParts
 from icelora.parameterization import Parameterization
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,22 @@ def should_stop(history: list[StepRecord], config: EditConfig) -> bool:
     return all(abs(b.ft - a.ft) <= config.early_stop_tolerance for a, b in itertools.pairwise(recent))
 
 
-def run_edit_loop(model: nn.Module, params: Parameterization, objective: Objective, config: EditConfig,
-                  progress: bool = True) -> list[StepRecord]:
-    """Minimise ``objective`` over ``params`` for at most ``config.max_steps`` Adam steps."""
-    optimizer = torch.optim.Adam(params.trainable_parameters(), lr=config.learning_rate,
-                                 weight_decay=config.weight_decay)
+def make_optimizer(params: Parameterization, config: EditConfig) -> torch.optim.Optimizer:
+    """Adam over the trainable tensors (the ICE reference code's optimizer)."""
+    return torch.optim.Adam(params.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callable[[nn.Module, int], LossParts],
+                  config: EditConfig, progress: bool = True, optimizer: torch.optim.Optimizer | None = None,
+                  start_step: int = 0, on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
+    """Minimise ``objective`` over ``params`` for at most ``config.max_steps`` Adam steps.
+
+    ``optimizer`` and ``start_step`` continue a run from a checkpoint; ``on_step`` is called after
+    every step (logging, checkpoints).
+    """
+    optimizer = optimizer or make_optimizer(params, config)
     history: list[StepRecord] = []
-    bar = tqdm(range(config.max_steps), desc="editing", leave=False, disable=not progress or None)
+    bar = tqdm(range(start_step, config.max_steps), desc="editing", leave=False, disable=not progress or None)
     params.training(True)
     try:
         for step in bar:
@@ -67,6 +77,8 @@ def run_edit_loop(model: nn.Module, params: Parameterization, objective: Objecti
             bar.set_postfix(loss=f"{history[-1].loss:.3f}")
             log.debug("step %d loss %.4f ft %.4f ice %.4f learned %s", step, history[-1].loss,
                       parts.ft, parts.ice, parts.target_learned)
+            if on_step is not None:
+                on_step(history[-1])
             if config.early_stopping and should_stop(history, config):
                 break
     finally:

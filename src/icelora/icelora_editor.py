@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,8 +131,11 @@ class ICELoRAEditor:
         return count_parameters(self.model)
 
     def check_request(self, request: EditRequest) -> None:
-        """Raise :class:`InvalidRequestError` if the tokenizer cannot encode the request's texts."""
-        check_encodable(self.tokenizer, request.prompt, "prompt")
+        """Raise :class:`InvalidRequestError` if the tokenizer cannot encode the request's target.
+
+        A prompt with characters the tokenizer does not know is still read (as unknown tokens); a
+        target like that could not be taught, so it is refused.
+        """
         check_encodable(self.tokenizer, request.target, "target")
 
     def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True) -> EditResult:
@@ -157,6 +162,18 @@ class ICELoRAEditor:
         """Undo every edit: the model is exactly the unedited one again."""
         self.params.revert()
         self.ledger.clear()
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """Within the block the model is exactly the unedited one; the edits come back after it."""
+        edited = {name: p.detach().clone() for name, p in self.params.named_trainable().items()}
+        self.params.revert()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.params.named_trainable().items():
+                    param.copy_(edited[name])
 
     # -- querying ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,25 +213,25 @@ class ICELoRAEditor:
                 "modules": self.params.module_names, "trainable_params": trainable, "total_params": total,
                 "requests": [r.to_dict() for r in self.ledger]}
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, into_existing: bool = False) -> Path:
         """Save the edit: adapter (or edited matrices) in safetensors plus the ledger.
 
-        An existing folder is replaced only if it is an icelora edit folder; the new one is
-        written beside it first, so a failure leaves nothing half-written.
+        An existing folder is written into only if it is an icelora edit folder (or
+        ``into_existing``, for a training run's own output folder). Files are written beside it
+        first and then moved in, so a failure leaves no file half-written.
         """
         target = Path(folder)
-        check_save_target(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not into_existing:
+            check_save_target(target)
+        target.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             self.params.save(staging)
             (staging / LEDGER_FILE).write_text(json.dumps(self.ledger_dict(), indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+            for item in staging.iterdir():
+                os.replace(item, target / item.name)
         finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     @classmethod
@@ -223,13 +240,15 @@ class ICELoRAEditor:
         """An editor holding the edit saved in ``folder`` (on ``model``, else the ledger's model)."""
         path = Path(folder)
         ledger = read_ledger(path)
-        editor = cls(model if model is not None else ledger["model"], method=ledger["method"],
-                     config=EditConfig.from_dict(ledger["config"], source=str(path / LEDGER_FILE)),
-                     device=device, dtype=dtype)
+        source = model if model is not None else ledger["model"]
+        loaded = load_model(source, device=device, dtype=dtype) if isinstance(source, str) else source
         expected = ledger.get("model_fingerprint")
-        actual = model_fingerprint(editor.loaded.model, editor.architecture)
+        actual = model_fingerprint(loaded.model, inspect_architecture(loaded.model))
         if expected and expected != actual:
-            raise AdapterFolderError(f"{path} was saved from a different model ({expected}), not {actual}")
+            raise AdapterFolderError(f"{path} holds an edit of another model ({ledger['model']}: {expected}), "
+                                     f"not of {loaded.name} ({actual})")
+        editor = cls(loaded, method=ledger["method"],
+                     config=EditConfig.from_dict(ledger["config"], source=str(path / LEDGER_FILE)))
         editor.params.load(path)
         editor.ledger = [EditRequest.from_dict(r) for r in ledger.get("requests", [])]
         return editor

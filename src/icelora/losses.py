@@ -234,10 +234,14 @@ class Objective:
     def __init__(self, plan: EditPlan, config: EditConfig, device: torch.device) -> None:
         self.plan = plan
         self.config = config
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator(device=device)
+        self.rng = random.Random()
 
     def __call__(self, model: nn.Module, step: int) -> LossParts:
+        # Each step's randomness depends on (seed, step) only, so a resumed run repeats it exactly.
+        step_seed = self.config.seed * 1_000_003 + step
+        self.generator.manual_seed(step_seed)
+        self.rng.seed(step_seed)
         name = self.config.objective
         if name == "ft":
             return ft_loss(model, self.plan, self.config, step)
@@ -248,3 +252,15 @@ class Objective:
         if name == "ice-reference":
             return ice_reference_loss(model, self.plan, self.config, step, self.generator, self.rng)
         raise ValueError(f"unknown objective {name!r}")
+
+
+class CyclingObjective:
+    """Minibatch training: step ``s`` uses the objective of minibatch ``s mod n`` (one epoch = n steps)."""
+
+    def __init__(self, objectives: list[Objective]) -> None:
+        if not objectives:
+            raise ValueError("no minibatch to train on")
+        self.objectives = objectives
+
+    def __call__(self, model: nn.Module, step: int) -> LossParts:
+        return self.objectives[step % len(self.objectives)](model, step)

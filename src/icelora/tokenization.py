@@ -30,13 +30,16 @@ class PromptTarget:
         return self.ids[: self.target_start]
 
 
-def encode_prompt_target(tokenizer: PreTrainedTokenizerBase, prefix: str, target: str) -> PromptTarget:
+def encode_prompt_target(tokenizer: PreTrainedTokenizerBase, prefix: str, target: str,
+                         strict: bool = True) -> PromptTarget:
     """Tokenize ``prefix + " " + target`` once, the way the model will read it, and find the target.
 
     The boundary comes from character offsets: target tokens are those that start at or after the
     end of ``prefix`` (the separating space belongs to the target, as in GPT-2's " Rome"). If the
     tokenizer merges across the boundary, prefix and target are encoded separately instead.
-    Special tokens the tokenizer adds (a Llama BOS) stay in the prefix part.
+    Special tokens the tokenizer adds (a Llama BOS) stay in the prefix part. ``strict`` refuses a
+    target holding characters the tokenizer maps to its unknown token (an edit could not teach it);
+    evaluation scores such answers as they are.
     """
     text = f"{prefix} {target}"
     boundary = len(prefix)
@@ -70,7 +73,7 @@ def encode_prompt_target(tokenizer: PreTrainedTokenizerBase, prefix: str, target
     if not target_ids:
         raise InvalidRequestError(f"target {target!r} encodes to no tokens")
     unk = tokenizer.unk_token_id
-    if unk is not None and unk in target_ids and tokenizer.unk_token not in target:
+    if strict and unk is not None and unk in target_ids and tokenizer.unk_token not in target:
         raise InvalidRequestError(f"target {target!r} holds characters the tokenizer cannot encode")
     if start == 0:
         raise InvalidRequestError(f"prompt {prefix!r} encodes to no tokens")

@@ -1,0 +1,1 @@
+"""Benchmark evaluation: KnowEdit-compatible metrics and the editing protocols that use them."""

@@ -1,0 +1,59 @@
+"""``icelora eval``: resolve the data set and model, pick the protocol, run it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from icelora.data_utils.dataset import load_dataset, resolve_dataset
+from icelora.errors import IceloraError
+from icelora.evaluation.runner import run_checkpoint, run_sequential, run_single
+from icelora.icelora_editor import ICELoRAEditor
+from icelora.models import load_model
+
+
+def output_paths(output: str) -> tuple[Path, Path | None]:
+    """(run folder, extra metrics file): ``x/eval.json`` runs in ``x/eval/`` and copies metrics to it."""
+    path = Path(output)
+    if path.suffix == ".json":
+        return path.with_suffix(""), path
+    return path, None
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``icelora eval`` and return the aggregate metrics (also written to the output folder)."""
+    from icelora.cli import resolve_config
+
+    if args.checkpoint and args.protocol != "single":
+        raise IceloraError("--checkpoint evaluates a saved edit; it takes no --protocol")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise IceloraError(f"--eval-every must be at least 1, got {args.eval_every}")
+    method_none = args.method == "none"
+    if method_none:
+        args.method = None
+    config = resolve_config(args)
+    seed = config.seed
+    data_path = resolve_dataset(args.dataset, args.data_dir)
+    dataset = load_dataset(data_path, indices=args.indices, limit=args.limit, skip_invalid=args.skip_invalid)
+    if not dataset.records:
+        raise IceloraError(f"{data_path}: no valid record selected")
+    folder, metrics_copy = output_paths(args.output)
+
+    if args.checkpoint:
+        editor = ICELoRAEditor.load(args.checkpoint, model=None if args.model == "smollm2-135m" else args.model,
+                                    device=args.device, dtype=args.dtype)
+        metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint))
+    else:
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        editor = ICELoRAEditor(loaded, method=args.method, config=config)
+        if method_none:
+            metrics = run_single(editor, "none", dataset, folder, seed, args.resume)
+        elif args.protocol == "sequential":
+            metrics = run_sequential(editor, dataset, folder, seed, args.resume, args.eval_every)
+        else:
+            metrics = run_single(editor, args.method, dataset, folder, seed, args.resume)
+    if metrics_copy is not None:
+        shutil.copyfile(folder / "metrics.json", metrics_copy)
+    return metrics

@@ -1,0 +1,128 @@
+"""KnowEdit-compatible metrics (see METRICS in the README): batched, teacher-forced token accuracy,
+locality as argmax agreement with the unedited model, n-gram-entropy fluency, PPL_r and
+generation exact match.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from icelora.tokenization import encode_prompt_target, next_token_view, pad_rows
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class AnswerPrediction:
+    """The answer's token ids and the model's greedy prediction at each of those positions."""
+
+    answer_ids: tuple[int, ...]
+    predicted_ids: tuple[int, ...]
+
+    @property
+    def accuracy(self) -> float:
+        """Teacher-forced token accuracy: share of answer tokens the argmax gets right."""
+        hits = sum(a == p for a, p in zip(self.answer_ids, self.predicted_ids))
+        return hits / len(self.answer_ids)
+
+
+@torch.no_grad()
+def predict_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
+                    batch_size: int = 32) -> list[AnswerPrediction]:
+    """Greedy predictions at the answer positions of ``prompt + " " + answer``, in batches.
+
+    The input is the prompt and answer read together; the prediction for answer token j is the
+    argmax of the logits at the position before it (KnowEdit's rewrite/portability accuracy).
+    BOS and padding are never counted as answer tokens.
+    """
+    device = next(model.parameters()).device
+    encoded = [encode_prompt_target(tokenizer, prompt, answer, strict=False) for prompt, answer in pairs]
+    out: list[AnswerPrediction] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start: start + batch_size]
+        batch = pad_rows([e.ids for e in chunk], tokenizer.pad_token_id, side="right", device=device)
+        logits = model(**batch.forward_kwargs()).logits
+        mask = batch.span_mask([(e.target_start, len(e.ids)) for e in chunk])
+        pred, _, rows = next_token_view(logits, batch, mask)
+        predicted = pred.argmax(-1).tolist()
+        row_ids = rows.tolist()
+        for i, enc in enumerate(chunk):
+            mine = tuple(p for p, r in zip(predicted, row_ids) if r == i)
+            out.append(AnswerPrediction(answer_ids=enc.target_ids, predicted_ids=mine))
+    return out
+
+
+def agreement(edited: AnswerPrediction, unedited: AnswerPrediction) -> float:
+    """Locality of one item: share of answer positions where both models predict the same token."""
+    same = sum(a == b for a, b in zip(edited.predicted_ids, unedited.predicted_ids))
+    return same / len(edited.predicted_ids)
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Words as NLTK's ``word_tokenize`` gives them, without its punkt data: sentences split on
+    end punctuation followed by white space, then NLTK's Treebank word tokenizer per sentence."""
+    from nltk.tokenize import TreebankWordTokenizer
+
+    tokenizer = TreebankWordTokenizer()
+    return [w for sentence in SENTENCE_END.split(text) if sentence for w in tokenizer.tokenize(sentence)]
+
+
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """KnowEdit fluency: ``mean_n(w_n * H_n)``, ``H_n = -sum f log2 f`` over n-gram frequencies.
+
+    With the defaults this is ``(2/3 H2 + 4/3 H3) / 2`` in bits; published tables multiply by 100.
+    """
+    words = word_tokenize(text)
+    weighted = []
+    for n, weight in zip(ns, weights):
+        grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        weighted.append(weight * entropy)
+    return sum(weighted) / len(weighted)
+
+
+@torch.no_grad()
+def sample_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int = 100,
+                top_k: int = 5, seed: int = 0) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """Top-k sampling from ``prompt`` to ``max_length`` tokens including the prompt, not stopping at
+    EOS (as KnowEdit's fluency generation). Returns (full text, prompt ids, generated ids)."""
+    device = next(model.parameters()).device
+    prompt_ids = tuple(tokenizer(prompt)["input_ids"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    generated: list[int] = []
+    for _ in range(max(0, max_length - len(prompt_ids))):
+        logits = out.logits[0, -1].float()
+        top = torch.topk(logits, top_k)
+        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+        token = top.indices[choice]
+        generated.append(int(token))
+        out = model(input_ids=token.view(1, 1), cache=out.cache, use_cache=True, logits_to_keep=1)
+    text = tokenizer.decode(list(prompt_ids) + generated, skip_special_tokens=True)
+    return text, prompt_ids, tuple(generated)
+
+
+@torch.no_grad()
+def continuation_nll(model: nn.Module, prompt_ids: tuple[int, ...], continuation: tuple[int, ...]) -> float:
+    """Mean negative log-likelihood (nats per token) of ``continuation`` after ``prompt_ids``."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(continuation)], device=device)
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()
+    return F.cross_entropy(logits, ids[0, len(prompt_ids):]).item()
+
+
+def perplexity_ratio(gen_nll: float, target_nll: float) -> float:
+    """PPL_r: perplexity of the edited model's generation over that of the target, both scored by
+    the unedited model given the prompt (the ICE paper's metric, with logits shifted against labels
+    and the whole prompt used)."""
+    return math.exp(gen_nll - target_nll)

@@ -1,0 +1,350 @@
+"""Benchmark runs: evaluate each record after editing, write cases as they finish, aggregate.
+
+Protocols:
+- ``single``: per record, edit the unedited model, evaluate, revert (KnowEdit / ICE paper tables).
+- ``sequential``: edit the records one after another on the same model, evaluate all of them at
+  the end and every ``eval_every`` edits.
+- ``checkpoint``: evaluate a saved edit (from ``icelora train``) on every record.
+Locality and PPL_r always use the original model (``ICELoRAEditor.unedited``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from icelora import __version__
+from icelora.data_utils.dataset import BenchmarkRecord, LoadedDataset
+from icelora.errors import IceloraError
+from icelora.evaluation.metrics import (
+    AnswerPrediction,
+    agreement,
+    continuation_nll,
+    ngram_entropy,
+    perplexity_ratio,
+    predict_answers,
+    sample_text,
+)
+from icelora.icelora_editor import ICELoRAEditor
+from icelora.text import starts_with_target
+from icelora.tokenization import encode_prompt_target
+
+log = logging.getLogger(__name__)
+
+CASES_FILE = "cases.jsonl"
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+CURVE_FILE = "curve.jsonl"
+#: run.json keys that may differ between a run and its resumption.
+VOLATILE_RUN_KEYS = ("command", "versions", "device")
+
+
+class RunFolderError(IceloraError):
+    """An output folder holds another run, or a run that cannot be resumed."""
+
+
+@dataclass
+class Baseline:
+    """What the unedited model does on a record: greedy answer, locality predictions, fluency."""
+
+    before: str
+    locality: list[AnswerPrediction]
+    fluency: float
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"icelora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA allocation on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def greedy_length(editor: ICELoRAEditor, target: str) -> int:
+    return max(16, len(editor.tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 4)
+
+
+def measure_baseline(editor: ICELoRAEditor, record: BenchmarkRecord, seed: int) -> Baseline:
+    """Evaluate the model as it is now (call on the unedited model)."""
+    request = record.request
+    before = editor.generate(request.prompt, greedy_length(editor, request.target))
+    locality = predict_answers(editor.model, editor.tokenizer, [(i.prompt, i.answer) for i in record.locality])
+    text, _, _ = sample_text(editor.model, editor.tokenizer, request.prompt, seed=seed + record.index)
+    return Baseline(before=before, locality=locality, fluency=ngram_entropy(text))
+
+
+def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for value, kind in zip(values, kinds):
+        groups[kind].append(value)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def measure_edited(editor: ICELoRAEditor, record: BenchmarkRecord, baseline: Baseline, seed: int) -> dict[str, Any]:
+    """All per-case metrics of the model as it is now, against the baseline of the unedited model."""
+    request = record.request
+    pairs = [(request.prompt, request.target)]
+    pairs += [(p, request.target) for p in record.rephrase]
+    pairs += [(i.prompt, i.answer) for i in record.portability]
+    pairs += [(i.prompt, i.answer) for i in record.locality]
+    predictions = predict_answers(editor.model, editor.tokenizer, pairs)
+    n_reph, n_port = len(record.rephrase), len(record.portability)
+    edit_pred = predictions[0]
+    rephrase = predictions[1: 1 + n_reph]
+    portability = predictions[1 + n_reph: 1 + n_reph + n_port]
+    locality = predictions[1 + n_reph + n_port:]
+
+    after = editor.generate(request.prompt, greedy_length(editor, request.target))
+    text, prompt_ids, generated = sample_text(editor.model, editor.tokenizer, request.prompt,
+                                              seed=seed + record.index)
+    fluency = ngram_entropy(text)
+    target = encode_prompt_target(editor.tokenizer, request.prompt, request.target)
+    with editor.unedited():
+        gen_nll = continuation_nll(editor.model, prompt_ids, generated) if generated else float("nan")
+        target_nll = continuation_nll(editor.model, target.prompt_ids, target.target_ids)
+
+    port_scores = [p.accuracy for p in portability]
+    loc_scores = [agreement(e, u) for e, u in zip(locality, baseline.locality)]
+    return {
+        "edit_success": edit_pred.accuracy,
+        "rephrase": statistics.fmean(p.accuracy for p in rephrase) if rephrase else None,
+        "portability": statistics.fmean(port_scores) if port_scores else None,
+        "portability_by_type": by_kind(port_scores, [i.kind for i in record.portability]),
+        "locality": statistics.fmean(loc_scores) if loc_scores else None,
+        "locality_by_type": by_kind(loc_scores, [i.kind for i in record.locality]),
+        "fluency": fluency,
+        "fluency_unedited": baseline.fluency,
+        "ppl_r": perplexity_ratio(gen_nll, target_nll),
+        "exact_match": float(starts_with_target(after, request.target)),
+        "before": baseline.before,
+        "after": after,
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregates over cases: means over the cases that have each metric (KnowEdit's pooling)."""
+    def per_type(key: str) -> dict[str, float]:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for case in cases:
+            for kind, value in case[key].items():
+                groups[kind].append(value)
+        return {k: statistics.fmean(v) for k, v in sorted(groups.items())}
+
+    fluency = _mean([c["fluency"] for c in cases])
+    fluency_unedited = _mean([c["fluency_unedited"] for c in cases])
+    seconds = [c["seconds"] for c in cases if c.get("seconds") is not None]
+    return {
+        "n_cases": len(cases),
+        "edit_success": _mean([c["edit_success"] for c in cases]),
+        "rephrase": _mean([c["rephrase"] for c in cases]),
+        "portability": _mean([c["portability"] for c in cases]),
+        "portability_by_type": per_type("portability_by_type"),
+        "locality": _mean([c["locality"] for c in cases]),
+        "locality_by_type": per_type("locality_by_type"),
+        "fluency": fluency,
+        "fluency_unedited": fluency_unedited,
+        "fluency_ratio": fluency / fluency_unedited if fluency and fluency_unedited else None,
+        "ppl_r": _mean([c["ppl_r"] for c in cases]),
+        "ppl_r_median": statistics.median([c["ppl_r"] for c in cases]) if cases else None,
+        "exact_match": _mean([c["exact_match"] for c in cases]),
+        "seconds_per_edit": statistics.fmean(seconds) if seconds else None,
+        "median_steps": statistics.median([c["steps"] for c in cases if c.get("steps") is not None])
+        if any(c.get("steps") is not None for c in cases) else None,
+    }
+
+
+def read_cases(path: Path) -> list[dict[str, Any]]:
+    """Finished cases; a last line cut off by a killed run is dropped (and cut from the file)."""
+    if not path.exists():
+        return []
+    cases, good_bytes = [], 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                cases.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_bytes += len(line)
+    if good_bytes < path.stat().st_size:
+        log.warning("%s: dropping an unfinished last line", path)
+        with open(path, "r+b") as handle:
+            handle.truncate(good_bytes)
+    return cases
+
+
+class BenchmarkRun:
+    """An output folder: ``run.json`` (what was asked), ``cases.jsonl`` (appended), ``metrics.json``."""
+
+    def __init__(self, folder: Path, run: dict[str, Any], resume: bool) -> None:
+        self.folder = folder
+        self.run = run
+        self.cases_path = folder / CASES_FILE
+        folder.mkdir(parents=True, exist_ok=True)
+        run_path = folder / RUN_FILE
+        if run_path.exists() or self.cases_path.exists():
+            if not resume:
+                raise RunFolderError(f"{folder} already holds a run; pass --resume to continue it, "
+                                     "or choose another --output")
+            if run_path.exists():
+                previous = json.loads(run_path.read_text())
+                stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
+                before = {k: v for k, v in previous.items() if k not in VOLATILE_RUN_KEYS}
+                if stable != before:
+                    changed = sorted(k for k in set(stable) | set(before) if stable.get(k) != before.get(k))
+                    raise RunFolderError(f"{folder}: cannot resume, the run differs in {changed}")
+        run_path.write_text(json.dumps(run, indent=2) + "\n")
+        self.cases = read_cases(self.cases_path)
+
+    @property
+    def done(self) -> set[int]:
+        return {c["index"] for c in self.cases}
+
+    def add(self, case: dict[str, Any]) -> None:
+        """Append one finished case and flush it to disk."""
+        with open(self.cases_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(case, ensure_ascii=False) + "\n")
+            handle.flush()
+        self.cases.append(case)
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        ordered = sorted(self.cases, key=lambda c: c["index"])
+        metrics = {**aggregate(ordered), **extra, "run": self.run}
+        (self.folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+
+def run_description(editor: ICELoRAEditor, method: str, protocol: str, dataset: LoadedDataset, seed: int,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``run`` object: model, method, hyperparameters, seed, data file and sha256, indices, versions."""
+    device = next(editor.model.parameters()).device
+    return {
+        "model": editor.model_name, "method": method, "protocol": protocol,
+        "config": None if method == "none" else editor.config.to_dict(),
+        "layers": None if method == "none" else editor.layers, "seed": seed,
+        "data_file": str(dataset.path.resolve()), "data_sha256": sha256_of(dataset.path),
+        "data_format": dataset.format, "indices": dataset.indices, "skipped": dataset.skipped,
+        "dtype": str(next(editor.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
+        "versions": library_versions(), "command": " ".join(sys.argv), **(extra or {}),
+    }
+
+
+def case_header(record: BenchmarkRecord) -> dict[str, Any]:
+    r = record.request
+    return {"index": record.index, "prompt": r.prompt, "target": r.target, "subject": r.subject,
+            "ground_truth": record.ground_truth}
+
+
+def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, output: Path, seed: int,
+               resume: bool) -> dict[str, Any]:
+    """The single-edit protocol: edit, evaluate, revert, for every record; resumable."""
+    bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed), resume)
+    todo = [r for r in dataset.records if r.index not in bench.done]
+    device = next(editor.model.parameters()).device
+    for record in tqdm(todo, desc=f"{method} single", initial=len(dataset.records) - len(todo),
+                       total=len(dataset.records), file=sys.stderr):
+        editor.revert()
+        baseline = measure_baseline(editor, record, seed)
+        steps = seconds = None
+        if method != "none":
+            result = editor.edit(record.request, progress=False)
+            steps, seconds = result.steps, result.seconds
+        case = {**case_header(record), **measure_edited(editor, record, baseline, seed),
+                "steps": steps, "seconds": seconds}
+        editor.revert()
+        bench.add(case)
+    return bench.finish({"peak_memory_mb": round(peak_memory_mb(device), 1), "skipped": dataset.skipped})
+
+
+def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
+                   checkpoint: Path) -> dict[str, Any]:
+    """Evaluate the edit the editor holds (loaded from ``checkpoint``) on every record."""
+    run = run_description(editor, editor.method, "checkpoint", dataset, seed,
+                          {"checkpoint": str(checkpoint.resolve()), "edited_requests": len(editor.ledger)})
+    bench = BenchmarkRun(output, run, resume)
+    device = next(editor.model.parameters()).device
+    todo = [r for r in dataset.records if r.index not in bench.done]
+    for record in tqdm(todo, desc="checkpoint eval", initial=len(dataset.records) - len(todo),
+                       total=len(dataset.records), file=sys.stderr):
+        bench.add(_evaluate_fixed(editor, record, seed))
+    return bench.finish({"peak_memory_mb": round(peak_memory_mb(device), 1), "skipped": dataset.skipped})
+
+
+def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
+                   eval_every: int | None) -> dict[str, Any]:
+    """Edit the records one after another on one model; evaluate every ``eval_every`` edits and at the end.
+
+    After every edit the accumulated adapter is saved to ``output/state`` and the edit is logged
+    in ``output/edits.jsonl``, so ``--resume`` continues with the next record.
+    """
+    run = run_description(editor, editor.method, "sequential", dataset, seed, {"eval_every": eval_every})
+    bench = BenchmarkRun(output, run, resume)
+    device = next(editor.model.parameters()).device
+    edits_path, curve_path, state = output / "edits.jsonl", output / CURVE_FILE, output / "state"
+    edits = read_cases(edits_path)
+    if edits and state.exists():
+        editor.params.load(state)
+        editor.ledger = [r.request for r in dataset.records if r.index in {e["index"] for e in edits}]
+    curve_done = {c["n_edits"] for c in read_cases(curve_path)}
+    done = {e["index"] for e in edits}
+    records = dataset.records
+    for position, record in enumerate(tqdm(records, desc="sequential edits", file=sys.stderr), 1):
+        if record.index not in done:
+            result = editor.edit(record.request, progress=False)
+            editor.save(state)
+            entry = {"index": record.index, "steps": result.steps, "seconds": result.seconds}
+            with open(edits_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            edits.append(entry)
+        if eval_every and position % eval_every == 0 and position < len(records) and position not in curve_done:
+            partial = [_evaluate_fixed(editor, r, seed) for r in records[:position]]
+            with open(curve_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"n_edits": position, **aggregate(partial)}) + "\n")
+    by_index = {e["index"]: e for e in edits}
+    for record in tqdm([r for r in records if r.index not in bench.done], desc="final eval", file=sys.stderr):
+        case = _evaluate_fixed(editor, record, seed)
+        case.update(steps=by_index[record.index]["steps"], seconds=by_index[record.index]["seconds"])
+        bench.add(case)
+    metrics = bench.finish({"peak_memory_mb": round(peak_memory_mb(device), 1), "skipped": dataset.skipped})
+    if len(records) not in curve_done:
+        with open(curve_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"n_edits": len(records), **aggregate(bench.cases)}) + "\n")
+    return metrics
+
+
+def _evaluate_fixed(editor: ICELoRAEditor, record: BenchmarkRecord, seed: int) -> dict[str, Any]:
+    """Evaluate the model as it is against the original model, without editing."""
+    with editor.unedited():
+        baseline = measure_baseline(editor, record, seed)
+    return {**case_header(record), **measure_edited(editor, record, baseline, seed), "steps": None, "seconds": None}

@@ -1,0 +1,158 @@
+"""Metrics against hand-computed values, aggregation, and resumable benchmark runs on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from icelora import ICELoRAEditor
+from icelora.data_utils.dataset import load_dataset
+from icelora.evaluation.metrics import (
+    AnswerPrediction,
+    agreement,
+    ngram_entropy,
+    perplexity_ratio,
+    predict_answers,
+    word_tokenize,
+)
+from icelora.evaluation.runner import RunFolderError, aggregate, read_cases, run_sequential, run_single
+from tests.conftest import tiny_gpt2, tiny_llama
+from tests.test_dataset import KNOWEDIT_ZSRE, RECENT
+
+
+def test_token_accuracy_with_bos_and_padding():
+    loaded = tiny_llama()
+    tok = loaded.tokenizer
+    pairs = [("The city of", "Rome"), ("Which family does Epaspidoceras belong to?", "Noctuidae family")]
+    preds = predict_answers(loaded.model, tok, pairs, batch_size=2)  # one padded batch
+    for (prompt, answer), pred in zip(pairs, preds):
+        ids = tok(f"{prompt} {answer}")["input_ids"]
+        assert ids[0] == tok.bos_token_id
+        n = len(pred.answer_ids)
+        assert tok.decode(list(pred.answer_ids)).strip() == answer  # BOS never counted
+        logits = loaded.model(torch.tensor([ids])).logits[0]  # unpadded, alone
+        expected = logits[len(ids) - n - 1: len(ids) - 1].argmax(-1).tolist()
+        assert list(pred.predicted_ids) == expected
+        assert pred.accuracy == sum(a == b for a, b in zip(pred.answer_ids, expected)) / n
+
+
+def test_accuracy_and_agreement_by_hand():
+    pred = AnswerPrediction(answer_ids=(5, 6, 7, 8), predicted_ids=(5, 0, 7, 0))
+    assert pred.accuracy == 0.5
+    other = AnswerPrediction(answer_ids=(5, 6, 7, 8), predicted_ids=(5, 0, 1, 1))
+    assert agreement(pred, other) == 0.5
+    assert agreement(pred, pred) == 1.0
+
+
+def test_ngram_entropy_of_a_known_string():
+    # words: a b a b a b -> bigrams ab x3, ba x2; trigrams aba x2, bab x2
+    h2 = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    h3 = 1.0
+    assert ngram_entropy("a b a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+    assert ngram_entropy("same same same same") == 0.0
+    assert word_tokenize("It is Rome. It isn't Paris.") == ["It", "is", "Rome", ".", "It", "is", "n't", "Paris", "."]
+
+
+def test_perplexity_ratio():
+    assert perplexity_ratio(math.log(20.0), math.log(4.0)) == pytest.approx(5.0)
+
+
+def _case(index, portability, locality):
+    pooled = [v for values in portability.values() for v in values]
+    return {"index": index, "edit_success": 1.0, "rephrase": None, "fluency": 5.0, "fluency_unedited": 5.0,
+            "ppl_r": 1.0, "exact_match": 1.0, "seconds": 1.0, "steps": 3,
+            "portability": sum(pooled) / len(pooled) if pooled else None,
+            "portability_by_type": {k: sum(v) / len(v) for k, v in portability.items()},
+            "locality": 1.0 if locality else None,
+            "locality_by_type": {"Relation_Specificity": 1.0} if locality else {}}
+
+
+def test_pooled_versus_per_type_portability():
+    cases = [_case(0, {"Reasoning": [1.0, 0.0], "Subject_Aliasing": [1.0]}, True),  # pooled 2/3
+             _case(1, {"Reasoning": [0.0]}, True),                                  # pooled 0
+             _case(2, {}, False)]                                                  # no portability
+    metrics = aggregate(cases)
+    assert metrics["portability"] == pytest.approx((2 / 3 + 0.0) / 2)
+    assert metrics["portability_by_type"] == {"Reasoning": pytest.approx(0.25), "Subject_Aliasing": 1.0}
+    assert metrics["locality"] == 1.0 and metrics["n_cases"] == 3
+    assert metrics["fluency_ratio"] == 1.0
+
+
+@pytest.fixture
+def fixture_data(tmp_path):
+    records = [KNOWEDIT_ZSRE[0], RECENT[0], {**KNOWEDIT_ZSRE[0], "target_new": "Geometridae"}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    return load_dataset(path)
+
+
+def test_locality_is_one_when_the_model_is_unchanged(tmp_path, fixture_data):
+    editor = ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=1)
+    metrics = run_single(editor, "none", fixture_data, tmp_path / "none", seed=0, resume=False)
+    assert metrics["locality"] == 1.0
+    assert metrics["locality_by_type"] == {"Forgetfulness": 1.0, "Relation_Specificity": 1.0}
+    assert metrics["fluency_ratio"] == 1.0
+    assert metrics["n_cases"] == 3 and metrics["run"]["method"] == "none"
+
+
+STABLE_KEYS = ("n_cases", "edit_success", "rephrase", "portability", "portability_by_type", "locality",
+               "locality_by_type", "fluency", "fluency_ratio", "ppl_r", "exact_match", "median_steps")
+
+
+def test_resume_equals_uninterrupted(tmp_path, fixture_data, monkeypatch):
+    def make():
+        return ICELoRAEditor(tiny_llama(), method="ice-lora", max_steps=3, learning_rate=1e-2)
+
+    full = run_single(make(), "ice-lora", fixture_data, tmp_path / "full", seed=0, resume=False)
+
+    editor = make()
+    real_edit, calls = editor.edit, {"n": 0}
+
+    def dying_edit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        run_single(editor, "ice-lora", fixture_data, tmp_path / "resumed", seed=0, resume=False)
+    assert len(read_cases(tmp_path / "resumed" / "cases.jsonl")) == 1
+    with open(tmp_path / "resumed" / "cases.jsonl", "a") as handle:
+        handle.write('{"index": 9, "cut off')  # a line half-written when the process died
+    with pytest.raises(RunFolderError, match="--resume"):
+        run_single(make(), "ice-lora", fixture_data, tmp_path / "resumed", seed=0, resume=False)
+    resumed = run_single(make(), "ice-lora", fixture_data, tmp_path / "resumed", seed=0, resume=True)
+    assert {k: resumed[k] for k in STABLE_KEYS} == {k: full[k] for k in STABLE_KEYS}
+    assert [c["index"] for c in read_cases(tmp_path / "resumed" / "cases.jsonl")] == [0, 1, 2]
+    with pytest.raises(RunFolderError, match="differs"):
+        run_single(make(), "ice-lora", fixture_data, tmp_path / "resumed", seed=1, resume=True)
+
+
+def test_metrics_file_has_every_key(tmp_path, fixture_data):
+    editor = ICELoRAEditor(tiny_gpt2(), method="ice-lora", max_steps=2)
+    run_single(editor, "ice-lora", fixture_data, tmp_path / "run", seed=0, resume=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("n_cases", "edit_success", "rephrase", "portability", "portability_by_type", "locality",
+                "locality_by_type", "fluency", "fluency_ratio", "ppl_r", "exact_match", "seconds_per_edit",
+                "peak_memory_mb", "run"):
+        assert key in metrics, key
+    run = metrics["run"]
+    assert run["config"]["lora_rank"] == 16 and run["indices"] == [0, 1, 2] and len(run["data_sha256"]) == 64
+    case = json.loads((tmp_path / "run" / "cases.jsonl").read_text().splitlines()[0])
+    assert {"before", "after", "edit_success", "locality_by_type"} <= set(case)
+
+
+def test_sequential_keeps_earlier_edits_and_resumes(tmp_path, fixture_data):
+    def make():
+        return ICELoRAEditor(tiny_llama(), method="ice-lora", max_steps=2, learning_rate=1e-2)
+
+    metrics = run_sequential(make(), fixture_data, tmp_path / "seq", seed=0, resume=False, eval_every=2)
+    assert metrics["n_cases"] == 3
+    curve = read_cases(tmp_path / "seq" / "curve.jsonl")
+    assert [c["n_edits"] for c in curve] == [2, 3]
+    again = run_sequential(make(), fixture_data, tmp_path / "seq", seed=0, resume=True, eval_every=2)
+    assert {k: again[k] for k in STABLE_KEYS} == {k: metrics[k] for k in STABLE_KEYS}

@@ -1,0 +1,109 @@
+"""``icelora train`` (batch and sequential) and ``icelora eval --checkpoint`` on tiny local models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from icelora.cli import main
+from icelora.errors import InvalidConfigError
+from icelora.training import read_train_config, train
+from tests.conftest import tiny_gpt2, tiny_llama
+from tests.test_dataset import KNOWEDIT_ZSRE, RECENT
+
+
+@pytest.fixture
+def setup(tmp_path):
+    folders = {}
+    for name, build in (("llama", tiny_llama), ("gpt2", tiny_gpt2)):
+        loaded = build()
+        folders[name] = tmp_path / f"tiny-{name}"
+        loaded.model.save_pretrained(folders[name])
+        loaded.tokenizer.save_pretrained(folders[name])
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([KNOWEDIT_ZSRE[0], RECENT[0], {**KNOWEDIT_ZSRE[0], "target_new": "Geometridae"}]))
+    return tmp_path, folders, data
+
+
+def write_config(tmp_path, folder, data, **extra):
+    config = {"model": str(folder), "method": "ice-lora", "dataset": str(data), "protocol": "batch",
+              "batch_size": 2, "num_epochs": 2, "learning_rate": 0.01, "num_contexts": 2, "layers": [0, 1],
+              "seed": 0, **extra}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_unknown_keys_are_named(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("method: ice-lora\nlearning_rat: 0.1\n")
+    with pytest.raises(InvalidConfigError, match=r"t\.yaml.*learning_rat"):
+        read_train_config(path)
+    path.write_text("protocol: online\n")
+    with pytest.raises(InvalidConfigError, match="protocol"):
+        read_train_config(path)
+
+
+def test_shipped_train_config_is_valid():
+    from pathlib import Path
+
+    config = read_train_config(Path(__file__).parents[1] / "configs" / "train_config.yaml")
+    assert config.protocol == "batch" and config.edit["lora_rank"] == 16
+
+
+def test_batch_training_writes_everything_and_resumes_exactly(setup):
+    tmp_path, folders, data = setup
+    config = read_train_config(write_config(tmp_path, folders["llama"], data))
+    out = tmp_path / "run"
+    summary = train(config, out)
+    assert summary["records"] == 3
+    for name in ("adapter_model.safetensors", "adapter_config.json", "icelora_ledger.json", "config.yaml",
+                 "train_log.jsonl", "checkpoints/step-2/adapter_model.safetensors",
+                 "checkpoints/step-4/optimizer.safetensors"):
+        assert (out / name).exists(), name
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and [e["epoch"] for e in log] == [1, 1, 2, 2]
+    ledger = json.loads((out / "icelora_ledger.json").read_text())
+    assert len(ledger["requests"]) == 3
+    final = load_file(str(out / "adapter_model.safetensors"))
+
+    # Simulate a run killed after epoch 1: only the first checkpoint and log lines survive.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    for name in ("adapter_model.safetensors", "icelora_ledger.json"):
+        (out / name).unlink()
+    (out / "train_log.jsonl").write_text("".join(line + "\n" for line in
+                                                 (out / "train_log.jsonl").read_text().splitlines()[:2]))
+    with pytest.raises(Exception, match="--resume"):
+        train(config, out)
+    train(config, out, resume=True)
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    assert resumed.keys() == final.keys()
+    assert all((resumed[k] == final[k]).all() for k in final)
+
+
+def test_sequential_training_and_checkpoint_eval(setup, capsys):
+    tmp_path, folders, data = setup
+    path = write_config(tmp_path, folders["llama"], data, protocol="sequential", max_steps=2)
+    out = tmp_path / "seq"
+    assert main(["train", "--config", str(path), "--output-dir", str(out), "-q"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in log] == [0, 1, 2]
+    capsys.readouterr()
+
+    code = main(["eval", "--checkpoint", str(out), "--model", str(folders["llama"]), "--dataset", str(data),
+                 "--output", str(tmp_path / "eval_seq.json"), "-q"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval_seq.json").read_text())
+    assert metrics["n_cases"] == 3 and metrics["run"]["protocol"] == "checkpoint"
+    assert (tmp_path / "eval_seq" / "cases.jsonl").exists()
+    capsys.readouterr()
+
+    code = main(["eval", "--checkpoint", str(out), "--model", str(folders["gpt2"]), "--dataset", str(data),
+                 "--output", str(tmp_path / "wrong"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds an edit of another model" in err
