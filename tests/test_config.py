@@ -45,15 +45,15 @@ def test_round_trip():
     assert EditConfig.from_dict(config.to_dict()) == config
 
 
-def test_example_config_file_is_the_ice_lora_preset():
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_config_file_is_its_preset(method):
     from pathlib import Path
 
     from icelora.config import read_config_file
 
-    settings = read_config_file(Path(__file__).parents[1] / "configs" / "edit_ice_lora.yaml")
-    method = settings.pop("method")
-    assert method == "ice-lora"
-    assert EditConfig.from_dict(settings) == method_config("ice-lora")
+    settings = read_config_file(Path(__file__).parents[1] / "configs" / "methods" / f"{method}.yaml")
+    assert settings.pop("method") == method
+    assert EditConfig.from_dict(settings) == method_config(method)
 
 
 def test_config_file_errors_name_the_file_and_key(tmp_path):

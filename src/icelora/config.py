@@ -36,7 +36,7 @@ class EditConfig:
     parameterization: str = "lora"
     learning_rate: float = 1e-3
     max_steps: int = 25
-    lambda_ice: float = 0.5
+    lambda_ice: float = 1.0
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0

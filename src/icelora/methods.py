@@ -25,7 +25,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
                 learning_rate=7e-4, max_steps=25, clamp=5e-4, temperature=100.0, completion_length=3),
     # ICE-LoRA: the clean ICE objective trained into LoRA adapters, with early stopping.
     "ice-lora": dict(objective="ice", parameterization="lora", learning_rate=2e-3, max_steps=25,
-                     lambda_ice=0.5, early_stopping=True),
+                     lambda_ice=1.0, early_stopping=True),
 }
 
 METHODS = tuple(METHOD_PRESETS)

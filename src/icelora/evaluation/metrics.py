@@ -91,25 +91,43 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float,
 
 
 @torch.no_grad()
+def sample_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seeds: list[int],
+                 max_length: int = 100, top_k: int = 5) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """Top-k sampling from each prompt to ``max_length`` tokens including the prompt, not stopping
+    at EOS (as KnowEdit's fluency generation). All prompts decode together (left-padded, KV cache);
+    row i draws from its own generator seeded with ``seeds[i]``, so its sample does not depend on
+    the other rows. Returns (full text, prompt ids, generated ids) per prompt.
+    """
+    device = next(model.parameters()).device
+    prompt_ids = [tuple(tokenizer(p)["input_ids"]) for p in prompts]
+    budgets = [max(0, max_length - len(ids)) for ids in prompt_ids]
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    batch = pad_rows(prompt_ids, tokenizer.pad_token_id, side="left", device=device)
+    out = model(**batch.forward_kwargs(), use_cache=True, logits_to_keep=1)
+    attention_mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
+    generated: list[list[int]] = [[] for _ in prompts]
+    for step in range(max(budgets, default=0)):
+        top = torch.topk(out.logits[:, -1].float(), top_k)
+        probs = torch.softmax(top.values, -1)
+        tokens = torch.stack([top.indices[i, torch.multinomial(probs[i], 1, generator=generators[i])]
+                              for i in range(len(prompts))])
+        for i, token in enumerate(tokens.tolist()):
+            if step < budgets[i]:
+                generated[i].append(token[0])
+        if step + 1 == max(budgets):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
+        positions = positions + 1
+        out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, cache=out.cache,
+                    use_cache=True, logits_to_keep=1)
+    return [(tokenizer.decode(list(ids) + gen, skip_special_tokens=True), ids, tuple(gen))
+            for ids, gen in zip(prompt_ids, generated)]
+
+
 def sample_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int = 100,
                 top_k: int = 5, seed: int = 0) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """Top-k sampling from ``prompt`` to ``max_length`` tokens including the prompt, not stopping at
-    EOS (as KnowEdit's fluency generation). Returns (full text, prompt ids, generated ids)."""
-    device = next(model.parameters()).device
-    prompt_ids = tuple(tokenizer(prompt)["input_ids"])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([prompt_ids], device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    generated: list[int] = []
-    for _ in range(max(0, max_length - len(prompt_ids))):
-        logits = out.logits[0, -1].float()
-        top = torch.topk(logits, top_k)
-        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-        token = top.indices[choice]
-        generated.append(int(token))
-        out = model(input_ids=token.view(1, 1), cache=out.cache, use_cache=True, logits_to_keep=1)
-    text = tokenizer.decode(list(prompt_ids) + generated, skip_special_tokens=True)
-    return text, prompt_ids, tuple(generated)
+    """:func:`sample_texts` for one prompt."""
+    return sample_texts(model, tokenizer, [prompt], [seed], max_length, top_k)[0]
 
 
 @torch.no_grad()

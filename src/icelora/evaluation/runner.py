@@ -36,6 +36,7 @@ from icelora.evaluation.metrics import (
     perplexity_ratio,
     predict_answers,
     sample_text,
+    sample_texts,
 )
 from icelora.icelora_editor import ICELoRAEditor
 from icelora.text import starts_with_target
@@ -91,13 +92,46 @@ def greedy_length(editor: ICELoRAEditor, target: str) -> int:
     return max(16, len(editor.tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 4)
 
 
+def measure_baselines(editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int) -> list[Baseline]:
+    """Evaluate the model as it is now (call on the unedited model) on several records at once."""
+    prompts = [r.request.prompt for r in records]
+    befores = editor.generate_many(prompts, max(greedy_length(editor, r.request.target) for r in records))
+    pairs = [(i.prompt, i.answer) for r in records for i in r.locality]
+    predictions = iter(predict_answers(editor.model, editor.tokenizer, pairs))
+    texts = sample_texts(editor.model, editor.tokenizer, prompts, [seed + r.index for r in records])
+    return [Baseline(before=before, locality=[next(predictions) for _ in r.locality], fluency=ngram_entropy(text))
+            for r, before, (text, _, _) in zip(records, befores, texts)]
+
+
 def measure_baseline(editor: ICELoRAEditor, record: BenchmarkRecord, seed: int) -> Baseline:
-    """Evaluate the model as it is now (call on the unedited model)."""
-    request = record.request
-    before = editor.generate(request.prompt, greedy_length(editor, request.target))
-    locality = predict_answers(editor.model, editor.tokenizer, [(i.prompt, i.answer) for i in record.locality])
-    text, _, _ = sample_text(editor.model, editor.tokenizer, request.prompt, seed=seed + record.index)
-    return Baseline(before=before, locality=locality, fluency=ngram_entropy(text))
+    """:func:`measure_baselines` for one record."""
+    return measure_baselines(editor, [record], seed)[0]
+
+
+class BaselineStore:
+    """Baselines of the unedited model, computed in batches before editing and kept in
+    ``baselines.jsonl`` so that a resumed run uses exactly the same ones."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.items = {c["index"]: c for c in read_cases(path)}
+
+    def fill(self, editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int, batch_size: int = 16) -> None:
+        missing = [r for r in records if r.index not in self.items]
+        for start in tqdm(range(0, len(missing), batch_size), desc="unedited baselines", file=sys.stderr,
+                          disable=not missing or None):
+            chunk = missing[start: start + batch_size]
+            for record, base in zip(chunk, measure_baselines(editor, chunk, seed)):
+                entry = {"index": record.index, "before": base.before, "fluency": base.fluency,
+                         "locality": [[list(p.answer_ids), list(p.predicted_ids)] for p in base.locality]}
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(entry) + "\n")
+                self.items[record.index] = entry
+
+    def get(self, index: int) -> Baseline:
+        entry = self.items[index]
+        locality = [AnswerPrediction(tuple(a), tuple(p)) for a, p in entry["locality"]]
+        return Baseline(before=entry["before"], locality=locality, fluency=entry["fluency"])
 
 
 def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
@@ -272,10 +306,13 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed), resume)
     todo = [r for r in dataset.records if r.index not in bench.done]
     device = next(editor.model.parameters()).device
+    editor.revert()
+    baselines = BaselineStore(output / "baselines.jsonl")
+    baselines.fill(editor, todo, seed)
     for record in tqdm(todo, desc=f"{method} single", initial=len(dataset.records) - len(todo),
                        total=len(dataset.records), file=sys.stderr):
         editor.revert()
-        baseline = measure_baseline(editor, record, seed)
+        baseline = baselines.get(record.index)
         steps = seconds = None
         if method != "none":
             result = editor.edit(record.request, progress=False)
