@@ -179,7 +179,8 @@ def test_early_stopping_rule():
 
 
 def test_early_stopping_ends_the_loop(tiny):
-    editor = editor_for(tiny, "ice-lora", learning_rate=5e-2, max_steps=40, early_stop_tolerance=10.0)
+    editor = editor_for(tiny, "ice-lora", learning_rate=5e-2, max_steps=40, early_stop_tolerance=10.0,
+                        lambda_ice=0.0)
     result = editor.edit(REQUEST, progress=False)
     assert result.stopped_early and result.steps < 40
     assert all(r.target_learned for r in result.history[-2:])

@@ -48,7 +48,7 @@ def test_cli_edit_json(tmp_path):
 
 def test_ice_lora_edit_then_revert(embedded):
     prompt, paraphrase = EIFFEL, "The Eiffel Tower can be found in the city of"
-    unrelated = ["The capital of Japan is", "The capital of Germany is"]
+    unrelated = ["The capital of France is"]
     editor = ICELoRAEditor(embedded, method="ice-lora")
     before, paraphrase_before, *unrelated_before = editor.generate_many([prompt, paraphrase, *unrelated])
     assert not starts_with_target(before, "Rome") and not starts_with_target(paraphrase_before, "Rome")
