@@ -113,8 +113,8 @@ class EditConfig:
         return cls(**data)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file of ``EditConfig`` keys (plus an optional ``method``), checking every key."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
     import yaml
 
     path = Path(path)
@@ -128,6 +128,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InvalidConfigError(f"{path}: must be a mapping of configuration keys")
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of ``EditConfig`` keys (plus an optional ``method``), checking every key."""
+    data = read_yaml_mapping(path)
     check_keys({k: v for k, v in data.items() if k != "method"}, source=str(path))
     return data
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from icelora.checkpoint import load_optimizer, save_optimizer
-from icelora.config import EditConfig, check_keys
+from icelora.config import EditConfig, check_keys, read_yaml_mapping
 from icelora.data_utils.dataset import load_dataset, resolve_dataset
 from icelora.editing_loop import StepRecord, make_optimizer, run_edit_loop
 from icelora.errors import IceloraError, InvalidConfigError
@@ -66,15 +66,7 @@ class TrainConfig:
 
 def read_train_config(path: str | Path) -> TrainConfig:
     """Read a training YAML: run keys plus any :class:`EditConfig` key at the top level."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise InvalidConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise InvalidConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InvalidConfigError(f"{path}: must be a mapping of configuration keys")
+    data = read_yaml_mapping(path)
     run_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"edit"}
     edit = {k: v for k, v in data.items() if k not in run_keys}
     check_keys(edit, source=str(path))
