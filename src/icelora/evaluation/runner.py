@@ -48,8 +48,8 @@ CASES_FILE = "cases.jsonl"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
 CURVE_FILE = "curve.jsonl"
-#: run.json keys that may differ between a run and its resumption.
-VOLATILE_RUN_KEYS = ("command", "versions", "device")
+#: run.json keys that may differ between a run and its resumption (the data is identified by its sha256).
+VOLATILE_RUN_KEYS = ("command", "versions", "device", "data_file")
 
 
 class RunFolderError(IceloraError):
