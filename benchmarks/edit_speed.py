@@ -5,6 +5,16 @@ run. Each request carries 5 context sentences, so the ICE objectives of all meth
 contexts.
 
     python benchmarks/edit_speed.py --model smollm2-135m --edits 5 --json OUT.json
+    python benchmarks/edit_speed.py --shape gpt2-xl --device cuda --dtype bfloat16 --edits-at-once 8
+
+``--shape`` builds a randomly initialised model of a published shape from its config (timing needs
+no trained weights; the completion length is fixed, so every step does the same work).
+``--edits-at-once K`` adds a row per LoRA method where K edits train together, each in its own
+adapter; its seconds per edit are the joint time over K.
+
+The floor: the floating-point operations of one editing step, counted by torch's
+``FlopCounterMode`` on a separate, untimed edit, times the steps each edit took, over the rate this
+machine multiplies large matrices at (measured here). ``x_floor`` is the measured time over it.
 """
 
 from __future__ import annotations
@@ -13,18 +23,24 @@ import argparse
 import json
 import logging
 import os
+import platform
 import statistics
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from icelora import ICELoRAEditor, load_model
 from icelora.data_utils.templates import template_contexts
 from icelora.errors import IceloraError
-from icelora.methods import METHODS
+from icelora.methods import METHODS, method_config
+from icelora.models import EMBEDDED_MODEL, LoadedModel, resolve_device, resolve_dtype
 from icelora.request import EditRequest
 
 log = logging.getLogger("edit_speed")
@@ -42,6 +58,49 @@ EDITS = (
     ("The largest planet in the solar system is", "Mars", "the solar system"),
     ("The Great Wall can be found in the country of", "Peru", "The Great Wall"),
 )
+
+
+#: Published model shapes, built with random weights. Their tokenizer is the embedded model's
+#: (its ids fit every vocabulary here).
+SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
+    "gpt2-medium": lambda: GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257),
+    "gpt2-xl": lambda: GPT2Config(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257),
+    "llama-1b": lambda: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                    max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
+def random_model(shape: str, device: str | None, dtype: str | None) -> LoadedModel:
+    """A randomly initialised model of ``shape`` (seeded), with the embedded model's tokenizer."""
+    if shape not in SHAPES:
+        raise IceloraError(f"unknown shape {shape!r}; choose from {list(SHAPES)}")
+    tokenizer = load_model(EMBEDDED_MODEL, device="cpu").tokenizer
+    config = SHAPES[shape]()
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    target = resolve_device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, target))
+    return LoadedModel(model=model.to(target).eval(), tokenizer=tokenizer, name=f"random {shape}")
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The rate at which this machine multiplies two ``size`` x ``size`` matrices (best of ``repeats``)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size**3 / best
 
 
 def benchmark_requests(count: int) -> list[EditRequest]:
@@ -90,31 +149,74 @@ class PeakMemory:
         return self.peak_bytes / 2**20
 
 
-def time_method(model_name: str, method: str, requests: list[EditRequest], device: str | None,
-                dtype: str | None) -> dict:
-    """Edit each request from the unedited model with ``method``; seconds, steps, memory."""
-    loaded = load_model(model_name, device=device, dtype=dtype)
-    editor = ICELoRAEditor(loaded, method=method)
+def flops_per_step(editor: ICELoRAEditor, request: EditRequest) -> float:
+    """Floating-point operations of one editing step (forward, backward, sampling), counted on an
+    untimed edit of ``request``; the model is reverted afterwards."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = editor.edit(request, progress=False)
+    editor.revert()
+    return counter.get_total_flops() / result.steps
+
+
+def time_method(make: Callable[[], LoadedModel], method: str, requests: list[EditRequest], at_once: int,
+                matmul_rate: float) -> dict:
+    """Edit each request from the unedited model with ``method`` (``at_once`` of them together,
+    each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor."""
+    editor = ICELoRAEditor(make(), method=method)
+    per_step = flops_per_step(editor, requests[0])
     seconds, steps = [], []
     with PeakMemory(next(editor.model.parameters()).device) as memory:
-        for request in requests:
-            result = editor.edit(request, progress=False)
-            editor.revert()
-            seconds.append(result.seconds)
-            steps.append(result.steps)
-            log.info("%s: %.2f s, %d steps (%s)", method, result.seconds, result.steps, request.prompt)
+        if at_once == 1:
+            for request in requests:
+                result = editor.edit(request, progress=False)
+                editor.revert()
+                seconds.append(result.seconds)
+                steps.append(result.steps)
+                log.info("%s: %.2f s, %d steps (%s)", method, result.seconds, result.steps, request.prompt)
+        else:
+            for start in range(0, len(requests), at_once):
+                with editor.edit_each(requests[start: start + at_once], progress=False) as edits:
+                    seconds += [r.seconds for r in edits.results]
+                    steps += [r.steps for r in edits.results]
+                log.info("%s x%d: %.2f s for %d edits", method, at_once, edits.seconds, len(edits.results))
     trainable, _ = editor.parameter_counts()
-    return {"method": method, "median_seconds_per_edit": statistics.median(seconds),
+    floors = [per_step * n / matmul_rate for n in steps]
+    return {"method": method if at_once == 1 else f"{method} x{at_once}", "edits_at_once": at_once,
+            "median_seconds_per_edit": statistics.median(seconds),
             "min_seconds_per_edit": min(seconds), "max_seconds_per_edit": max(seconds),
             "median_steps": statistics.median(steps), "peak_memory_mb": round(memory.mb, 1),
-            "trainable_params": trainable, "seconds_per_edit": seconds, "steps": steps}
+            "trainable_params": trainable, "flops_per_step": per_step,
+            "median_floor_seconds": statistics.median(floors),
+            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
+            "seconds_per_edit": seconds, "steps": steps}
+
+
+#: Whether each method trains LoRA adapters (only those can train several edits at once).
+METHOD_IS_LORA = {m: method_config(m).parameterization == "lora" for m in METHODS}
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name on CUDA; the processor's model name and thread count on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or folder (trained weights)")
+    parser.add_argument("--shape", default=None, help=f"a randomly initialised model instead: {', '.join(SHAPES)}")
     parser.add_argument("--methods", default="ft-m,lora,ice,ice-lora", help="comma-separated methods")
     parser.add_argument("--edits", type=int, default=5)
+    parser.add_argument("--edits-at-once", type=int, default=1,
+                        help="also time each LoRA method with K edits trained together (K > 1)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -125,13 +227,34 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise IceloraError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if args.shape is not None and args.shape not in SHAPES:
+            raise IceloraError(f"unknown shape {args.shape!r}; choose from {list(SHAPES)}")
+        if args.edits_at_once < 1:
+            raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
         requests = benchmark_requests(args.edits)
+
+        def make() -> LoadedModel:
+            if args.shape:
+                return random_model(args.shape, args.device, args.dtype)
+            return load_model(args.model, device=args.device, dtype=args.dtype)
+
+        probe = make().model
+        device, dtype = next(probe.parameters()).device, next(probe.parameters()).dtype
+        del probe
+        rate = matmul_flops_per_second(device, dtype)
+        log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rate / 1e9, device, dtype)
+        plan = [(m, 1) for m in methods]
+        if args.edits_at_once > 1:
+            plan += [(m, args.edits_at_once) for m in methods if METHOD_IS_LORA[m]]
         rows = []
-        for method in methods:
+        for method, at_once in plan:
             try:
-                rows.append(time_method(args.model, method, requests, args.device, args.dtype))
+                rows.append(time_method(make, method, requests, at_once, rate))
             except torch.OutOfMemoryError as exc:
-                rows.append({"method": method, "error": f"out of memory: {str(exc).splitlines()[0]}"})
+                label = method if at_once == 1 else f"{method} x{at_once}"
+                rows.append({"method": label, "error": f"out of memory: {str(exc).splitlines()[0]}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     except IceloraError as exc:
         print(f"edit_speed: error: {exc}", file=sys.stderr)
         return 2
@@ -139,20 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if "error" not in row and ice:
             row["ratio_to_ice"] = round(row["median_seconds_per_edit"] / ice["median_seconds_per_edit"], 3)
-    probe = load_model(args.model, device=args.device, dtype=args.dtype).model
-    report = {"methods": rows, "model": args.model, "device": str(next(probe.parameters()).device),
-              "dtype": str(next(probe.parameters()).dtype).removeprefix("torch."), "edits": args.edits,
-              "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
-    print(f"{'method':<10}{'median s/edit':>14}{'min':>8}{'max':>8}{'steps':>7}{'peak MB':>10}"
-          f"{'trainable':>12}{'vs ice':>8}")
+    report = {"methods": rows, "model": f"random {args.shape}" if args.shape else args.model,
+              "device": str(device), "device_name": device_name(device),
+              "dtype": str(dtype).removeprefix("torch."), "edits": args.edits,
+              "matmul_gflops": round(rate / 1e9, 1), "torch_threads": torch.get_num_threads(),
+              "command": " ".join(sys.argv)}
+    print(f"{report['model']} on {report['device_name']} ({report['dtype']}), "
+          f"matrix multiply {report['matmul_gflops']} GFLOP/s")
+    print(f"{'method':<14}{'median s/edit':>14}{'min':>8}{'max':>8}{'steps':>7}{'peak MB':>10}"
+          f"{'trainable':>12}{'vs ice':>8}{'x floor':>9}")
     for row in rows:
         if "error" in row:
-            print(f"{row['method']:<10}  {row['error']}")
+            print(f"{row['method']:<14}  {row['error']}")
             continue
         ratio = f"{row['ratio_to_ice']:.2f}" if "ratio_to_ice" in row else "-"
-        print(f"{row['method']:<10}{row['median_seconds_per_edit']:>14.2f}{row['min_seconds_per_edit']:>8.2f}"
+        print(f"{row['method']:<14}{row['median_seconds_per_edit']:>14.2f}{row['min_seconds_per_edit']:>8.2f}"
               f"{row['max_seconds_per_edit']:>8.2f}{row['median_steps']:>7.0f}{row['peak_memory_mb']:>10.0f}"
-              f"{row['trainable_params']:>12,}{ratio:>8}")
+              f"{row['trainable_params']:>12,}{ratio:>8}{row['x_floor']:>9.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -88,3 +88,17 @@ def embedded() -> LoadedModel:
     from icelora.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture
+def fixture_data(tmp_path):
+    """Three benchmark records (ZsRE, WikiData_recent, ZsRE with another target) as a loaded data set."""
+    import json
+
+    from icelora.data_utils.dataset import load_dataset
+    from tests.test_dataset import KNOWEDIT_ZSRE, RECENT
+
+    records = [KNOWEDIT_ZSRE[0], RECENT[0], {**KNOWEDIT_ZSRE[0], "target_new": "Geometridae"}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    return load_dataset(path)

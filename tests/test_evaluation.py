@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from icelora import ICELoRAEditor
-from icelora.data_utils.dataset import load_dataset
 from icelora.evaluation.metrics import (
     AnswerPrediction,
     agreement,
@@ -20,7 +19,6 @@ from icelora.evaluation.metrics import (
 )
 from icelora.evaluation.runner import RunFolderError, aggregate, read_cases, run_sequential, run_single
 from tests.conftest import tiny_gpt2, tiny_llama
-from tests.test_dataset import KNOWEDIT_ZSRE, RECENT
 
 
 def test_token_accuracy_with_bos_and_padding():
@@ -79,14 +77,6 @@ def test_pooled_versus_per_type_portability():
     assert metrics["portability_by_type"] == {"Reasoning": pytest.approx(0.25), "Subject_Aliasing": 1.0}
     assert metrics["locality"] == 1.0 and metrics["n_cases"] == 3
     assert metrics["fluency_ratio"] == 1.0
-
-
-@pytest.fixture
-def fixture_data(tmp_path):
-    records = [KNOWEDIT_ZSRE[0], RECENT[0], {**KNOWEDIT_ZSRE[0], "target_new": "Geometridae"}]
-    path = tmp_path / "mixed.json"
-    path.write_text(json.dumps(records))
-    return load_dataset(path)
 
 
 def test_locality_is_one_when_the_model_is_unchanged(tmp_path, fixture_data):

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     evaluate.add_argument("--protocol", choices=("single", "sequential"), default="single")
     evaluate.add_argument("--eval-every", type=int, default=None, help="sequential: evaluate every N edits")
+    evaluate.add_argument("--edits-at-once", type=int, default=1,
+                          help="single: train N records' edits together, each in its own LoRA adapter, and "
+                               "evaluate them in shared batches (same results as one at a time, faster)")
+    evaluate.add_argument("--train-together", choices=("auto", "yes", "no"), default="auto",
+                          help="with --edits-at-once: train the group in one batched loop (auto: on CUDA) or "
+                               "one edit after another (auto: on CPU)")
     evaluate.add_argument("--checkpoint", default=None, help="evaluate a saved edit (icelora train / edit --save)")
     add_model_arguments(evaluate)
 

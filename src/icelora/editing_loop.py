@@ -49,9 +49,10 @@ def should_stop(history: list[StepRecord], config: EditConfig) -> bool:
     return all(abs(b.ft - a.ft) <= config.early_stop_tolerance for a, b in itertools.pairwise(recent))
 
 
-def make_optimizer(params: Parameterization, config: EditConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Parameterization | list[torch.Tensor], config: EditConfig) -> torch.optim.Optimizer:
     """Adam over the trainable tensors (the ICE reference code's optimizer)."""
-    return torch.optim.Adam(params.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    tensors = params if isinstance(params, list) else params.trainable_parameters()
+    return torch.optim.Adam(tensors, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callable[[nn.Module, int], LossParts],
@@ -85,3 +86,39 @@ def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callabl
         params.training(False)
         bar.close()
     return history
+
+
+def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensors: list[torch.Tensor],
+                              objective: Callable[[nn.Module, int, list[int]], LossParts], count: int,
+                              config: EditConfig, progress: bool = True) -> list[list[StepRecord]]:
+    """Train ``count`` independent edits together: one batched forward/backward per step.
+
+    ``objective(model, step, active)`` returns the summed loss of the edits still running, each
+    edit's rows going through its own adapter, so each adapter's gradient is the one it would get
+    alone. An edit that stops early leaves the batch: its tensors get no gradient from then on,
+    and Adam skips tensors without a gradient, so they keep their values. Returns each edit's
+    step history.
+    """
+    optimizer = make_optimizer(tensors, config)
+    histories: list[list[StepRecord]] = [[] for _ in range(count)]
+    active = list(range(count))
+    bar = tqdm(range(config.max_steps), desc=f"editing {count} at once", leave=False,
+               disable=not progress or None)
+    params.training(True)
+    try:
+        for step in bar:
+            parts = objective(model, step, active)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            optimizer.step()
+            for k, part in zip(active, parts.per_request):
+                histories[k].append(StepRecord(step, part.loss, part.ft, part.ice, part.learned))
+            if config.early_stopping:
+                active = [k for k in active if not should_stop(histories[k], config)]
+            bar.set_postfix(running=len(active))
+            if not active:
+                break
+    finally:
+        params.training(False)
+        bar.close()
+    return histories

@@ -26,12 +26,13 @@ from icelora.architecture import (
     model_device,
 )
 from icelora.config import EditConfig
-from icelora.editing_loop import StepRecord, run_edit_loop
+from icelora.editing_loop import StepRecord, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
+from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
-from icelora.parameterization import make_parameterization
+from icelora.parameterization import LoraParameterization, make_parameterization
 from icelora.request import EditRequest
 from icelora.tokenization import check_encodable, pad_rows
 
@@ -66,6 +67,25 @@ class EditResult:
                 "seconds": self.seconds, "trainable_params": self.trainable_params,
                 "total_params": self.total_params, "stopped_early": self.stopped_early,
                 "history": [r.to_dict() for r in self.history]}
+
+
+@dataclass
+class SeparateEdits:
+    """Edits made by :meth:`ICELoRAEditor.edit_each`, each in its own adapter.
+
+    ``adapters[k]`` names edit k's adapter: route rows to it with ``adapters=`` in the query methods.
+    ``seconds``: training time of all of them; each result's ``seconds`` is its own time (trained
+    one by one) or an equal share of the joint time (trained together).
+    """
+
+    results: list[EditResult]
+    adapters: list[str]
+    seconds: float
+
+
+def _seconds_per_edit(seconds: float | list[float], count: int) -> list[float]:
+    """Each edit's own time, or (trained together) an equal share of the joint time."""
+    return list(seconds) if isinstance(seconds, list) else [seconds / count] * count
 
 
 def _as_requests(requests: RequestLike | Iterable[RequestLike]) -> list[EditRequest]:
@@ -143,6 +163,16 @@ class ICELoRAEditor:
         batch = _as_requests(requests)
         for request in batch:
             self.check_request(request)
+        history, seconds = self._train(batch, progress)
+        self.ledger.extend(batch)
+        trainable, total = self.parameter_counts()
+        log.info("edited %d request(s) with %s in %d steps, %.2f s", len(batch), self.method, len(history), seconds)
+        return EditResult(requests=batch, method=self.method, steps=len(history), seconds=seconds,
+                          trainable_params=trainable, total_params=total,
+                          stopped_early=len(history) < self.config.max_steps, history=history)
+
+    def _train(self, batch: list[EditRequest], progress: bool) -> tuple[list[StepRecord], float]:
+        """Run the editing loop on the live parameters; (step history, seconds)."""
         plan = build_plan(self.tokenizer, batch, self.config)
         objective = Objective(plan, self.config, model_device(self.model))
         torch.manual_seed(self.config.seed)
@@ -150,13 +180,78 @@ class ICELoRAEditor:
         history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        self.ledger.extend(batch)
-        trainable, total = self.parameter_counts()
-        log.info("edited %d request(s) with %s in %d steps, %.2f s", len(batch), self.method, len(history), seconds)
-        return EditResult(requests=batch, method=self.method, steps=len(history), seconds=seconds,
-                          trainable_params=trainable, total_params=total,
-                          stopped_early=len(history) < self.config.max_steps, history=history)
+        return history, time.perf_counter() - start
+
+    @contextmanager
+    def edit_each(self, requests: Iterable[RequestLike], progress: bool = True,
+                  together: bool = True) -> Iterator[SeparateEdits]:
+        """Make every request its own edit, as if each were edited alone from the unedited model,
+        each kept in its own LoRA adapter.
+
+        ``together``: train them at once, one batched forward/backward per step (pays where the
+        hardware has room, e.g. a GPU); otherwise one after another, each then copied into its
+        adapter (on a few CPU cores, where a step is already compute-bound). Inside the block,
+        query edit k by routing rows to ``edits.adapters[k]`` (``adapters=`` of
+        :meth:`generate_many`, or ``adapter_names=`` of a forward pass); unrouted calls see the
+        model as it was. The adapters are removed when the block ends.
+        """
+        batch = _as_requests(requests)
+        if not isinstance(self.params, LoraParameterization):
+            raise InvalidConfigError(f"method {self.method!r} trains full matrices; editing requests each in "
+                                     "its own adapter needs a LoRA parameterization")
+        if together and self.config.lora_dropout:
+            raise InvalidConfigError("separate edits trained together need lora_dropout 0 (dropout draws would "
+                                     "depend on the batch)")
+        for request in batch:
+            self.check_request(request)
+        names = self.params.add_separate_adapters(len(batch))
+        try:
+            tensors = [self.params.separate_tensors([name]) for name in names]
+            if together:
+                histories, seconds = self._train_together(batch, names, tensors, progress)
+            else:
+                histories, seconds = self._train_one_by_one(batch, names, tensors, progress)
+            for group in tensors:
+                for param in group.values():
+                    param.requires_grad_(False)
+            trainable = sum(p.numel() for p in tensors[0].values())
+            _, total = self.parameter_counts()
+            total -= trainable * len(batch)
+            log.info("edited %d request(s) separately with %s in %d steps at most, %.2f s", len(batch),
+                     self.method, max(len(h) for h in histories), seconds)
+            results = [EditResult(requests=[r], method=self.method, steps=len(h), seconds=s,
+                                  trainable_params=trainable, total_params=total,
+                                  stopped_early=len(h) < self.config.max_steps, history=h)
+                       for r, h, s in zip(batch, histories, _seconds_per_edit(seconds, len(batch)))]
+            yield SeparateEdits(results=results, adapters=names, seconds=sum(r.seconds for r in results))
+        finally:
+            self.params.remove_separate_adapters(names)
+
+    def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
+                        progress: bool) -> tuple[list[list[StepRecord]], float]:
+        plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
+        objective = Objective(plan, self.config, model_device(self.model))
+        start = time.perf_counter()
+        histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
+                                              objective, len(batch), self.config, progress=progress)
+        if model_device(self.model).type == "cuda":
+            torch.cuda.synchronize()
+        return histories, time.perf_counter() - start
+
+    def _train_one_by_one(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
+                          progress: bool) -> tuple[list[list[StepRecord]], list[float]]:
+        histories, seconds = [], []
+        with self.unedited():
+            for request, name, group in zip(batch, names, tensors):
+                history, took = self._train([request], progress)
+                live = self.params.named_trainable()
+                with torch.no_grad():
+                    for key, param in group.items():
+                        param.copy_(live[key.replace(f".{name}.", f".{ADAPTER_NAME}.")])
+                self.params.revert()
+                histories.append(history)
+                seconds.append(took)
+        return histories, seconds
 
     def revert(self) -> None:
         """Undo every edit: the model is exactly the unedited one again."""
@@ -177,21 +272,29 @@ class ICELoRAEditor:
 
     # -- querying ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_many(self, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy continuations of ``prompts`` (without the prompt, special tokens dropped)."""
+    def generate_many(self, prompts: list[str], max_new_tokens: int | list[int] = 16,
+                      adapters: list[str] | None = None) -> list[str]:
+        """Greedy continuations of ``prompts`` (without the prompt, special tokens dropped).
+
+        ``max_new_tokens`` may differ per prompt. ``adapters`` (one name per prompt) routes each
+        prompt to one of the adapters of :meth:`edit_each`.
+        """
         for i, prompt in enumerate(prompts):
             if not prompt or not prompt.strip():
                 raise InvalidRequestError(f"prompt {i} is empty")
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         rows = [self.tokenizer(p.strip())["input_ids"] for p in prompts]
         batch = pad_rows(rows, self.tokenizer.pad_token_id, side="left", device=model_device(self.model))
         eos = self.tokenizer.eos_token_id
+        routing = {} if adapters is None else {"adapter_names": list(adapters)}
         out = self.model.generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
-            temperature=None, top_p=None, top_k=None,
+            max_new_tokens=max(limits), pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+            temperature=None, top_p=None, top_k=None, **routing,
         )
         width = batch.input_ids.shape[1]
-        return [self.tokenizer.decode(seq[width:], skip_special_tokens=True).strip() for seq in out]
+        return [self.tokenizer.decode(seq[width: width + limit], skip_special_tokens=True).strip()
+                for seq, limit in zip(out, limits)]
 
     def generate(self, prompt: str, max_new_tokens: int = 16) -> str:
         """Greedy continuation of ``prompt``."""

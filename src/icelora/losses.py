@@ -7,12 +7,19 @@
 - ``ice-reference``: the ICE reference implementation's terms, per context row
   ``-(log p(x*|c,q) + log q(x*|q)) + sum_t KL(p.detach() || q)``, summed over positions, averaged
   over rows.
+
+Every objective also reports each request's own loss parts. With ``EditPlan.independent`` each
+request is a separate edit (its own adapter, rows routed to it): the per-request losses are summed,
+so each adapter's gradient is exactly the one it would get alone, and each request samples from its
+own generator.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +41,26 @@ REFERENCE_PREFIXES = (
 )
 
 
+@dataclass(frozen=True)
+class RequestLoss:
+    """One request's share of a step: its loss, target cross-entropy, ICE term, target learned."""
+
+    loss: float
+    ft: float
+    ice: float
+    learned: bool
+
+
 @dataclass
 class LossParts:
-    """One step's loss and its parts. ``target_learned``: greedy teacher-forced target is right."""
+    """One step's loss and its parts. ``target_learned``: greedy teacher-forced target is right
+    (for every request); ``per_request``: the same numbers for each request of the plan."""
 
     loss: torch.Tensor
     ft: float
     ice: float
     target_learned: bool
+    per_request: list[RequestLoss] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +73,8 @@ class EditPlan:
     contexts: list[list[str]]
     pad_id: int
     eos_ids: set[int]
+    independent: bool = False
+    adapter_names: list[str] | None = None
     _cache: dict[tuple[str, str], PromptTarget] = field(default_factory=dict)
 
     def encode(self, prefix: str, target: str) -> PromptTarget:
@@ -63,16 +84,38 @@ class EditPlan:
             self._cache[key] = encode_prompt_target(self.tokenizer, prefix, target)
         return self._cache[key]
 
+    def subset(self, keep: Sequence[int]) -> EditPlan:
+        """The plan of the requests ``keep`` only (tokenization cache shared)."""
+        names = None if self.adapter_names is None else [self.adapter_names[i] for i in keep]
+        return replace(self, requests=[self.requests[i] for i in keep], encoded=[self.encoded[i] for i in keep],
+                       contexts=[self.contexts[i] for i in keep], adapter_names=names, _cache=self._cache)
 
-def build_plan(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], config: EditConfig) -> EditPlan:
-    """Tokenize the requests and choose their contexts."""
+    def route(self, owners: Sequence[int]) -> dict[str, Any]:
+        """Forward keyword arguments sending each row to its request's adapter (PEFT mixed batches)."""
+        if self.adapter_names is None:
+            return {}
+        return {"adapter_names": [self.adapter_names[i] for i in owners]}
+
+    def reduce(self, per_request: torch.Tensor) -> torch.Tensor:
+        """Independent edits: the sum (each adapter gets its own gradient); one joint edit: the mean."""
+        return per_request.sum() if self.independent else per_request.mean()
+
+
+def build_plan(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], config: EditConfig,
+               independent: bool = False, adapter_names: list[str] | None = None) -> EditPlan:
+    """Tokenize the requests and choose their contexts.
+
+    ``independent``: every request is its own edit, trained in the adapter ``adapter_names[i]``.
+    """
+    if adapter_names is not None and len(adapter_names) != len(requests):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(requests)} requests")
     eos = tokenizer.eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
     encoded = [encode_prompt_target(tokenizer, r.prompt, r.target) for r in requests]
     contexts = [contexts_for(r, config.num_contexts, config.seed) for r in requests]
     return EditPlan(tokenizer=tokenizer, requests=requests, encoded=encoded, contexts=contexts,
-                    pad_id=pad_id, eos_ids=eos_ids)
+                    pad_id=pad_id, eos_ids=eos_ids, independent=independent, adapter_names=adapter_names)
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -103,20 +146,40 @@ def completion_mask(batch: PaddedBatch, encoded: list[PromptTarget], alive: torc
     return mask
 
 
-def _forward(model: nn.Module, batch: PaddedBatch) -> torch.Tensor:
-    return model(**batch.forward_kwargs()).logits
+def _forward(model: nn.Module, batch: PaddedBatch, plan: EditPlan, owners: Sequence[int]) -> torch.Tensor:
+    return model(**batch.forward_kwargs(), **plan.route(owners)).logits
+
+
+def wrong_per_request(pred: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
+    """Number of target tokens each request's greedy teacher-forced prediction gets wrong."""
+    wrong = (pred.argmax(-1) != labels).float()
+    return torch.zeros(n, device=wrong.device).index_add(0, owners, wrong)
+
+
+def combine(plan: EditPlan, per_request: torch.Tensor, ft: torch.Tensor, ice: torch.Tensor | None,
+            wrong: torch.Tensor) -> LossParts:
+    """``LossParts`` from per-request losses, target terms ``ft``, ICE terms and wrong-token counts.
+
+    One host transfer for all the reported numbers.
+    """
+    ice = torch.zeros_like(ft) if ice is None else ice
+    numbers = torch.stack([ft.detach(), ice.detach(), per_request.detach(), wrong.detach().float()]).tolist()
+    requests = [RequestLoss(loss=total, ft=f, ice=i, learned=w == 0) for f, i, total, w in zip(*numbers)]
+    return LossParts(loss=plan.reduce(per_request), ft=sum(numbers[0]) / len(requests),
+                     ice=sum(numbers[1]) / len(requests), target_learned=all(r.learned for r in requests),
+                     per_request=requests)
 
 
 def ft_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int) -> LossParts:
     """Mean target-token cross-entropy per request, averaged over requests."""
     device = next(model.parameters()).device
+    n = len(plan.encoded)
     batch = pad_rows([e.ids for e in plan.encoded], plan.pad_id, device=device)
-    logits = _forward(model, batch)
+    logits = _forward(model, batch, plan, range(n))
     pred, labels, rows = next_token_view(logits, batch, target_mask(batch, plan.encoded))
     nll = F.cross_entropy(pred.float(), labels, reduction="none")
-    loss = per_group_mean(nll, rows, len(plan.encoded)).mean()
-    learned = bool((pred.argmax(-1) == labels).all())
-    return LossParts(loss=loss, ft=loss.item(), ice=0.0, target_learned=learned)
+    ft = per_group_mean(nll, rows, n)
+    return combine(plan, ft, ft, None, wrong_per_request(pred, labels, rows, n))
 
 
 def ft_last_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int) -> LossParts:
@@ -124,19 +187,22 @@ def ft_last_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int
     device = next(model.parameters()).device
     prompts = [e.prompt_ids for e in plan.encoded]
     batch = pad_rows(prompts, plan.pad_id, device=device)
-    logits = _forward(model, batch)
+    logits = _forward(model, batch, plan, range(len(prompts)))
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)
     log_probs = F.log_softmax(logits[torch.arange(len(prompts), device=device), last].float(), dim=-1)
-    losses = [-log_probs[i, list(e.target_ids)].mean() for i, e in enumerate(plan.encoded)]
-    loss = torch.stack(losses).mean()
-    learned = all(int(log_probs[i].argmax()) == e.target_ids[0] for i, e in enumerate(plan.encoded))
-    return LossParts(loss=loss, ft=loss.item(), ice=0.0, target_learned=learned)
+    ft = torch.stack([-log_probs[i, list(e.target_ids)].mean() for i, e in enumerate(plan.encoded)])
+    first = torch.tensor([e.target_ids[0] for e in plan.encoded], device=device)
+    wrong = (log_probs.argmax(-1) != first).float()
+    return combine(plan, ft, ft, None, wrong)
 
 
-def _sample_for_rows(model: nn.Module, plan: EditPlan, rows: list[PromptTarget], config: EditConfig,
-                     generator: torch.Generator) -> Completions:
+def _sample_for_rows(model: nn.Module, plan: EditPlan, rows: list[PromptTarget], owners: list[int],
+                     config: EditConfig, generators: Sequence[torch.Generator]) -> Completions:
+    """Sample completions; independent requests each draw from their own generator."""
     return sample_completions(model, [r.ids for r in rows], plan.pad_id, config.completion_length,
-                              config.temperature, generator, plan.eos_ids)
+                              config.temperature, list(generators), plan.eos_ids,
+                              row_groups=owners if plan.independent else None,
+                              forward_kwargs=plan.route(owners))
 
 
 def _student_rows(plan: EditPlan, owners: list[int], completions: Completions) -> list[tuple[int, ...]]:
@@ -144,9 +210,16 @@ def _student_rows(plan: EditPlan, owners: list[int], completions: Completions) -
     return [plan.encoded[i].ids + tuple(tokens[r]) for r, i in enumerate(owners)]
 
 
+def _as_list(items: Any) -> list[Any]:
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
 def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
-             generator: torch.Generator) -> LossParts:
-    """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md)."""
+             generators: torch.Generator | Sequence[torch.Generator]) -> LossParts:
+    """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
+
+    ``generators``: one for all rows, or (independent plans) one per request.
+    """
     device = next(model.parameters()).device
     owners, context_rows = [], []
     for i, request in enumerate(plan.requests):
@@ -156,26 +229,23 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
             for _ in range(config.samples_per_context):
                 owners.append(i)
                 context_rows.append(row)
-    completions = _sample_for_rows(model, plan, context_rows, config, generator)
+    completions = _sample_for_rows(model, plan, context_rows, owners, config, _as_list(generators))
 
     student = pad_rows(_student_rows(plan, owners, completions), plan.pad_id, device=device)
     owned = [plan.encoded[i] for i in owners]
-    logits = _forward(model, student)
+    logits = _forward(model, student, plan, owners)
     owner_ids = torch.tensor(owners, device=device)
     n = len(plan.requests)
 
     pred, labels, rows = next_token_view(logits, student, target_mask(student, owned))
     nll = F.cross_entropy(pred.float(), labels, reduction="none")
-    loss_ft = per_group_mean(nll, owner_ids[rows], n).mean()
+    ft = per_group_mean(nll, owner_ids[rows], n)
 
     comp_pred, _, comp_rows = next_token_view(logits, student, completion_mask(student, owned, completions.alive))
     teacher = completions.teacher_logits.to(device)[completions.alive.to(device)]
     kl = kl_divergence(teacher, comp_pred)
-    loss_ice = per_group_mean(kl, owner_ids[comp_rows], n).mean() if kl.numel() else kl.sum()
-
-    learned = bool((pred.argmax(-1) == labels).all())
-    loss = loss_ft + config.lambda_ice * loss_ice
-    return LossParts(loss=loss, ft=loss_ft.item(), ice=loss_ice.item(), target_learned=learned)
+    ice = per_group_mean(kl, owner_ids[comp_rows], n)
+    return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, owner_ids[rows], n))
 
 
 def reference_context_prefix(request: EditRequest, context: str | None, prefix: str) -> str:
@@ -188,25 +258,31 @@ def reference_context_prefix(request: EditRequest, context: str | None, prefix: 
 
 
 def ice_reference_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
-                       generator: torch.Generator, rng: random.Random) -> LossParts:
-    """The ICE reference loss terms, summed over positions and averaged over context rows."""
+                       generators: torch.Generator | Sequence[torch.Generator],
+                       rngs: random.Random | Sequence[random.Random]) -> LossParts:
+    """The ICE reference loss terms, summed over positions and averaged over context rows.
+
+    ``rngs`` draw the instruction prefixes: one for all rows, or (independent plans) one per request.
+    """
     device = next(model.parameters()).device
+    rngs = _as_list(rngs)
     owners, context_rows = [], []
     for i, request in enumerate(plan.requests):
         contexts: list[str | None] = list(request.contexts[: config.num_contexts]) or [None]
+        rng = rngs[i] if plan.independent else rngs[0]
         for context in contexts:
             prefix = reference_context_prefix(request, context, rng.choice(REFERENCE_PREFIXES))
             owners.append(i)
             context_rows.append(plan.encode(prefix, request.target))
-    completions = _sample_for_rows(model, plan, context_rows, config, generator)
+    completions = _sample_for_rows(model, plan, context_rows, owners, config, _as_list(generators))
     tokens = completions.tokens.tolist()
     n_rows = len(owners)
 
     with_ctx = pad_rows([r.ids + tuple(tokens[k]) for k, r in enumerate(context_rows)], plan.pad_id, device=device)
     student = pad_rows(_student_rows(plan, owners, completions), plan.pad_id, device=device)
     owned = [plan.encoded[i] for i in owners]
-    ctx_logits = _forward(model, with_ctx)
-    logits = _forward(model, student)
+    ctx_logits = _forward(model, with_ctx, plan, owners)
+    logits = _forward(model, student, plan, owners)
 
     ctx_pred, ctx_labels, ctx_rows = next_token_view(ctx_logits, with_ctx, target_mask(with_ctx, context_rows))
     pred, labels, rows = next_token_view(logits, student, target_mask(student, owned))
@@ -221,36 +297,50 @@ def ice_reference_loss(model: nn.Module, plan: EditPlan, config: EditConfig, ste
     kl = kl_divergence(teacher_pred.detach(), comp_pred)
     kl_term = zeros.index_add(0, comp_rows, kl)
 
-    row_loss = target_term + kl_term
     owner_ids = torch.tensor(owners, device=device)
-    loss = per_group_mean(row_loss, owner_ids, len(plan.requests)).mean()
-    learned = bool((pred.argmax(-1) == labels).all())
-    return LossParts(loss=loss, ft=nll.sum().item() / n_rows, ice=kl_term.mean().item(), target_learned=learned)
+    n = len(plan.requests)
+    loss = per_group_mean(target_term + kl_term, owner_ids, n)
+    ft = per_group_mean(zeros.index_add(0, rows, nll), owner_ids, n)  # no-context target term per row
+    ice = per_group_mean(kl_term, owner_ids, n)
+    return combine(plan, loss, ft, ice, wrong_per_request(pred, labels, owner_ids[rows], n))
 
 
 class Objective:
-    """An objective bound to one edit call: call it once per step to get that step's loss."""
+    """An objective bound to one edit call: call it once per step to get that step's loss.
+
+    Each step's randomness depends on (seed, step) only, so a resumed run repeats it exactly; in an
+    independent plan every request has its own generator with that seed, so an edit trained beside
+    others draws what it would draw alone.
+    """
 
     def __init__(self, plan: EditPlan, config: EditConfig, device: torch.device) -> None:
         self.plan = plan
         self.config = config
-        self.generator = torch.Generator(device=device)
-        self.rng = random.Random()
+        streams = len(plan.requests) if plan.independent else 1
+        self.generators = [torch.Generator(device=device) for _ in range(streams)]
+        self.rngs = [random.Random() for _ in range(streams)]
 
-    def __call__(self, model: nn.Module, step: int) -> LossParts:
-        # Each step's randomness depends on (seed, step) only, so a resumed run repeats it exactly.
+    def __call__(self, model: nn.Module, step: int, active: Sequence[int] | None = None) -> LossParts:
+        """The loss of step ``step``; ``active`` restricts an independent plan to those requests."""
         step_seed = self.config.seed * 1_000_003 + step
-        self.generator.manual_seed(step_seed)
-        self.rng.seed(step_seed)
+        for generator, rng in zip(self.generators, self.rngs):
+            generator.manual_seed(step_seed)
+            rng.seed(step_seed)
+        plan, generators, rngs = self.plan, self.generators, self.rngs
+        if active is not None:
+            if not plan.independent:
+                raise ValueError("only an independent plan can run a subset of its requests")
+            plan = plan.subset(active)
+            generators, rngs = [generators[i] for i in active], [rngs[i] for i in active]
         name = self.config.objective
         if name == "ft":
-            return ft_loss(model, self.plan, self.config, step)
+            return ft_loss(model, plan, self.config, step)
         if name == "ft-last":
-            return ft_last_loss(model, self.plan, self.config, step)
+            return ft_last_loss(model, plan, self.config, step)
         if name == "ice":
-            return ice_loss(model, self.plan, self.config, step, self.generator)
+            return ice_loss(model, plan, self.config, step, generators)
         if name == "ice-reference":
-            return ice_reference_loss(model, self.plan, self.config, step, self.generator, self.rng)
+            return ice_reference_loss(model, plan, self.config, step, generators, rngs)
         raise ValueError(f"unknown objective {name!r}")
 
 

@@ -6,6 +6,7 @@ back to that snapshot: exactly the unedited model (LoRA starts with ``B = 0``, a
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from icelora.errors import AdapterFolderError
 from icelora.lora_utils import ADAPTER_NAME, attach_lora, build_lora_config, merged_state_dict
 
 FULL_WEIGHTS_FILE = "edited_weights.safetensors"
+SEPARATE_PREFIX = "edit_"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -75,15 +77,43 @@ class LoraParameterization(Parameterization):
         self._take_snapshot()
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        """The main adapter's tensors (not those of :meth:`add_separate_adapters`)."""
+        main = f".{ADAPTER_NAME}."
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and main in n}
 
     def training(self, on: bool) -> None:
         for name, module in self.model.named_modules():
-            if name.endswith(f"lora_dropout.{ADAPTER_NAME}"):
+            if name.rpartition(".")[0].endswith(".lora_dropout"):
                 module.train(on)
 
+    # -- separate adapters for independent edits --------------------------------------------------
+    def add_separate_adapters(self, count: int) -> list[str]:
+        """Add ``count`` adapters beside the main one, each starting from the main adapter's initial
+        values, with trainable tensors. Rows reach them through PEFT's ``adapter_names`` routing;
+        the main adapter stays the active one."""
+        names = [f"{SEPARATE_PREFIX}{k}" for k in range(count)]
+        with torch.random.fork_rng(devices=[]):  # their random init is overwritten; keep the global RNG as it was
+            for name in names:
+                self.model.add_adapter(name, copy.deepcopy(self.lora_config))
+        with torch.no_grad():
+            for name in names:
+                for key, param in self.separate_tensors([name]).items():
+                    param.copy_(self.snapshot[key.replace(f".{name}.", f".{ADAPTER_NAME}.")])
+                    param.requires_grad_(True)
+        return names
+
+    def separate_tensors(self, names: list[str]) -> dict[str, nn.Parameter]:
+        """The LoRA tensors of the adapters ``names``, by parameter name."""
+        wanted = tuple(f".{name}." for name in names)
+        return {n: p for n, p in self.model.named_parameters() if ".lora_" in n and any(w in n for w in wanted)}
+
+    def remove_separate_adapters(self, names: list[str]) -> None:
+        """Delete adapters added by :meth:`add_separate_adapters`."""
+        for name in names:
+            self.model.delete_adapter(name)
+
     def save(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder), safe_serialization=True)
+        self.model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=[ADAPTER_NAME])
 
     def load(self, folder: Path) -> None:
         path = folder / ADAPTER_WEIGHTS_FILE

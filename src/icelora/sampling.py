@@ -7,7 +7,9 @@ forward pass with the context is needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +38,18 @@ def alive_before_eos(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     return is_eos.long().cumsum(dim=1) == 0
 
 
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator],
+         groups: list[torch.Tensor] | None) -> torch.Tensor:
+    """One token per row of ``probs``; rows ``groups[g]`` draw from ``generators[g]`` (all rows
+    from ``generators[0]`` when ``groups`` is None), so a group's draws do not depend on the others."""
+    if groups is None:
+        return torch.multinomial(probs, 1, generator=generators[0])
+    token = torch.empty((probs.shape[0], 1), dtype=torch.long, device=probs.device)
+    for generator, rows in zip(generators, groups):
+        token[rows] = torch.multinomial(probs[rows], 1, generator=generator)
+    return token
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -43,16 +57,28 @@ def sample_completions(
     pad_id: int,
     length: int,
     temperature: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     eos_ids: set[int],
+    row_groups: Sequence[int] | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> Completions:
     """Sample ``length`` tokens after each row (left-padded prefill, then cached decode steps).
 
-    ``generator`` must live on the model's device.
+    Generators must live on the model's device. With ``row_groups`` (a generator index per row)
+    row i draws from ``generator[row_groups[i]]``. ``forward_kwargs`` go to every forward call
+    (e.g. ``adapter_names`` routing each row to its own adapter).
     """
     device = next(model.parameters()).device
+    generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    groups = None
+    if row_groups is not None:
+        if len(row_groups) != len(rows):
+            raise ValueError(f"{len(row_groups)} row groups for {len(rows)} rows")
+        groups = [torch.tensor([r for r, g in enumerate(row_groups) if g == k], dtype=torch.long, device=device)
+                  for k in range(len(generators))]
+    extra = forward_kwargs or {}
     batch = pad_rows(rows, pad_id, side="left", device=device)
-    out = model(**batch.forward_kwargs(), use_cache=True, logits_to_keep=1)
+    out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
     cache = out.cache
     logits = out.logits[:, -1].float()
     attention_mask = batch.attention_mask
@@ -60,7 +86,7 @@ def sample_completions(
     tokens, teacher = [], []
     for step in range(length):
         probs = torch.softmax(logits / temperature, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)
+        token = draw(probs, generators, groups)
         tokens.append(token)
         teacher.append(logits)
         if step + 1 == length:
@@ -68,7 +94,7 @@ def sample_completions(
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
         positions = positions + 1
         out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions,
-                    cache=cache, use_cache=True, logits_to_keep=1)
+                    cache=cache, use_cache=True, logits_to_keep=1, **extra)
         cache = out.cache
         logits = out.logits[:, -1].float()
     sampled = torch.cat(tokens, dim=1)

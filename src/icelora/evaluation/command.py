@@ -30,6 +30,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise IceloraError("--checkpoint evaluates a saved edit; it takes no --protocol")
     if args.eval_every is not None and args.eval_every < 1:
         raise IceloraError(f"--eval-every must be at least 1, got {args.eval_every}")
+    if args.edits_at_once < 1:
+        raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
+    if args.edits_at_once > 1 and (args.checkpoint or args.protocol != "single"):
+        raise IceloraError("--edits-at-once applies to the single-edit protocol only")
     method_none = args.method == "none"
     if method_none:
         args.method = None
@@ -49,11 +53,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
         editor = ICELoRAEditor(loaded, method=args.method, config=config)
         if method_none:
-            metrics = run_single(editor, "none", dataset, folder, seed, args.resume)
+            metrics = run_single(editor, "none", dataset, folder, seed, args.resume, args.edits_at_once)
         elif args.protocol == "sequential":
             metrics = run_sequential(editor, dataset, folder, seed, args.resume, args.eval_every)
         else:
-            metrics = run_single(editor, args.method, dataset, folder, seed, args.resume)
+            if args.edits_at_once > 1 and config.parameterization != "lora":
+                raise IceloraError(f"--edits-at-once needs a LoRA method; {args.method} trains full matrices")
+            together = {"auto": None, "yes": True, "no": False}[args.train_together]
+            metrics = run_single(editor, args.method, dataset, folder, seed, args.resume, args.edits_at_once,
+                                 together)
     if metrics_copy is not None:
         shutil.copyfile(folder / "metrics.json", metrics_copy)
     return metrics

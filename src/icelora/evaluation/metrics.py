@@ -34,14 +34,19 @@ class AnswerPrediction:
         return hits / len(self.answer_ids)
 
 
+def routing(adapters: list[str] | None, start: int = 0, stop: int | None = None) -> dict[str, list[str]]:
+    """Forward keyword arguments routing rows ``start:stop`` to their adapters (none: no routing)."""
+    return {} if adapters is None else {"adapter_names": list(adapters[start:stop])}
+
+
 @torch.no_grad()
 def predict_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
-                    batch_size: int = 32) -> list[AnswerPrediction]:
+                    batch_size: int = 32, adapters: list[str] | None = None) -> list[AnswerPrediction]:
     """Greedy predictions at the answer positions of ``prompt + " " + answer``, in batches.
 
     The input is the prompt and answer read together; the prediction for answer token j is the
     argmax of the logits at the position before it (KnowEdit's rewrite/portability accuracy).
-    BOS and padding are never counted as answer tokens.
+    BOS and padding are never counted as answer tokens. ``adapters``: one adapter name per pair.
     """
     device = next(model.parameters()).device
     encoded = [encode_prompt_target(tokenizer, prompt, answer, strict=False) for prompt, answer in pairs]
@@ -49,7 +54,7 @@ def predict_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs:
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start: start + batch_size]
         batch = pad_rows([e.ids for e in chunk], tokenizer.pad_token_id, side="right", device=device)
-        logits = model(**batch.forward_kwargs()).logits
+        logits = model(**batch.forward_kwargs(), **routing(adapters, start, start + batch_size)).logits
         mask = batch.span_mask([(e.target_start, len(e.ids)) for e in chunk])
         pred, _, rows = next_token_view(logits, batch, mask)
         predicted = pred.argmax(-1).tolist()
@@ -92,18 +97,21 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float,
 
 @torch.no_grad()
 def sample_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seeds: list[int],
-                 max_length: int = 100, top_k: int = 5) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+                 max_length: int = 100, top_k: int = 5, adapters: list[str] | None = None
+                 ) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """Top-k sampling from each prompt to ``max_length`` tokens including the prompt, not stopping
     at EOS (as KnowEdit's fluency generation). All prompts decode together (left-padded, KV cache);
     row i draws from its own generator seeded with ``seeds[i]``, so its sample does not depend on
-    the other rows. Returns (full text, prompt ids, generated ids) per prompt.
+    the other rows. ``adapters``: one adapter name per prompt. Returns (full text, prompt ids,
+    generated ids) per prompt.
     """
     device = next(model.parameters()).device
     prompt_ids = [tuple(tokenizer(p)["input_ids"]) for p in prompts]
     budgets = [max(0, max_length - len(ids)) for ids in prompt_ids]
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     batch = pad_rows(prompt_ids, tokenizer.pad_token_id, side="left", device=device)
-    out = model(**batch.forward_kwargs(), use_cache=True, logits_to_keep=1)
+    route = routing(adapters)
+    out = model(**batch.forward_kwargs(), **route, use_cache=True, logits_to_keep=1)
     attention_mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
     generated: list[list[int]] = [[] for _ in prompts]
     for step in range(max(budgets, default=0)):
@@ -119,7 +127,7 @@ def sample_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
         attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
         positions = positions + 1
         out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, cache=out.cache,
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **route)
     return [(tokenizer.decode(list(ids) + gen, skip_special_tokens=True), ids, tuple(gen))
             for ids, gen in zip(prompt_ids, generated)]
 
@@ -137,6 +145,27 @@ def continuation_nll(model: nn.Module, prompt_ids: tuple[int, ...], continuation
     ids = torch.tensor([list(prompt_ids) + list(continuation)], device=device)
     logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()
     return F.cross_entropy(logits, ids[0, len(prompt_ids):]).item()
+
+
+@torch.no_grad()
+def continuation_nlls(model: nn.Module, pad_id: int, items: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                      batch_size: int = 32) -> list[float]:
+    """:func:`continuation_nll` of many (prompt ids, continuation) pairs, in right-padded batches.
+
+    An empty continuation gives NaN.
+    """
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        batch = pad_rows([tuple(p) + tuple(c) for p, c in chunk], pad_id, side="right", device=device)
+        logits = model(**batch.forward_kwargs()).logits
+        mask = batch.span_mask([(len(p), len(p) + len(c)) for p, c in chunk])
+        pred, labels, rows = next_token_view(logits, batch, mask)
+        nll = F.cross_entropy(pred.float(), labels, reduction="none")
+        sums = torch.zeros(len(chunk), device=device).index_add(0, rows, nll).tolist()
+        out.extend(total / len(c) if c else float("nan") for total, (_, c) in zip(sums, chunk))
+    return out
 
 
 def perplexity_ratio(gen_nll: float, target_nll: float) -> float:

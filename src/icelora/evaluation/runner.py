@@ -17,6 +17,7 @@ import platform
 import resource
 import statistics
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,13 @@ from icelora.errors import IceloraError
 from icelora.evaluation.metrics import (
     AnswerPrediction,
     agreement,
-    continuation_nll,
+    continuation_nlls,
     ngram_entropy,
     perplexity_ratio,
     predict_answers,
-    sample_text,
     sample_texts,
 )
-from icelora.icelora_editor import ICELoRAEditor
+from icelora.icelora_editor import EditResult, ICELoRAEditor
 from icelora.text import starts_with_target
 from icelora.tokenization import encode_prompt_target
 
@@ -95,7 +95,7 @@ def greedy_length(editor: ICELoRAEditor, target: str) -> int:
 def measure_baselines(editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int) -> list[Baseline]:
     """Evaluate the model as it is now (call on the unedited model) on several records at once."""
     prompts = [r.request.prompt for r in records]
-    befores = editor.generate_many(prompts, max(greedy_length(editor, r.request.target) for r in records))
+    befores = editor.generate_many(prompts, [greedy_length(editor, r.request.target) for r in records])
     pairs = [(i.prompt, i.answer) for r in records for i in r.locality]
     predictions = iter(predict_answers(editor.model, editor.tokenizer, pairs))
     texts = sample_texts(editor.model, editor.tokenizer, prompts, [seed + r.index for r in records])
@@ -141,45 +141,67 @@ def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
-def measure_edited(editor: ICELoRAEditor, record: BenchmarkRecord, baseline: Baseline, seed: int) -> dict[str, Any]:
-    """All per-case metrics of the model as it is now, against the baseline of the unedited model."""
-    request = record.request
-    pairs = [(request.prompt, request.target)]
-    pairs += [(p, request.target) for p in record.rephrase]
-    pairs += [(i.prompt, i.answer) for i in record.portability]
-    pairs += [(i.prompt, i.answer) for i in record.locality]
-    predictions = predict_answers(editor.model, editor.tokenizer, pairs)
-    n_reph, n_port = len(record.rephrase), len(record.portability)
-    edit_pred = predictions[0]
-    rephrase = predictions[1: 1 + n_reph]
-    portability = predictions[1 + n_reph: 1 + n_reph + n_port]
-    locality = predictions[1 + n_reph + n_port:]
+def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], baselines: list[Baseline],
+                        seed: int, adapters: list[str] | None = None) -> list[dict[str, Any]]:
+    """All per-case metrics of several records at once, each against its unedited baseline.
 
-    after = editor.generate(request.prompt, greedy_length(editor, request.target))
-    text, prompt_ids, generated = sample_text(editor.model, editor.tokenizer, request.prompt,
-                                              seed=seed + record.index)
-    fluency = ngram_entropy(text)
-    target = encode_prompt_target(editor.tokenizer, request.prompt, request.target)
+    ``adapters[k]`` names the adapter holding record k's edit (:meth:`ICELoRAEditor.edit_each`);
+    without it every record is measured on the model as it is now. Every forward pass is batched
+    over the records.
+    """
+    pairs: list[tuple[str, str]] = []
+    owners: list[int] = []
+    for k, record in enumerate(records):
+        request = record.request
+        mine = [(request.prompt, request.target)] + [(p, request.target) for p in record.rephrase]
+        mine += [(i.prompt, i.answer) for i in record.portability] + [(i.prompt, i.answer) for i in record.locality]
+        pairs += mine
+        owners += [k] * len(mine)
+    route = None if adapters is None else [adapters[k] for k in owners]
+    predictions = predict_answers(editor.model, editor.tokenizer, pairs, adapters=route)
+    prompts = [r.request.prompt for r in records]
+    afters = editor.generate_many(prompts, [greedy_length(editor, r.request.target) for r in records],
+                                  adapters=adapters)
+    samples = sample_texts(editor.model, editor.tokenizer, prompts, [seed + r.index for r in records],
+                           adapters=adapters)
+    targets = [encode_prompt_target(editor.tokenizer, r.request.prompt, r.request.target) for r in records]
+    scored = [(ids, gen) for _, ids, gen in samples] + [(t.prompt_ids, t.target_ids) for t in targets]
     with editor.unedited():
-        gen_nll = continuation_nll(editor.model, prompt_ids, generated) if generated else float("nan")
-        target_nll = continuation_nll(editor.model, target.prompt_ids, target.target_ids)
+        nlls = continuation_nlls(editor.model, editor.tokenizer.pad_token_id, scored)
+    gen_nlls, target_nlls = nlls[: len(records)], nlls[len(records):]
 
-    port_scores = [p.accuracy for p in portability]
-    loc_scores = [agreement(e, u) for e, u in zip(locality, baseline.locality)]
-    return {
-        "edit_success": edit_pred.accuracy,
-        "rephrase": statistics.fmean(p.accuracy for p in rephrase) if rephrase else None,
-        "portability": statistics.fmean(port_scores) if port_scores else None,
-        "portability_by_type": by_kind(port_scores, [i.kind for i in record.portability]),
-        "locality": statistics.fmean(loc_scores) if loc_scores else None,
-        "locality_by_type": by_kind(loc_scores, [i.kind for i in record.locality]),
-        "fluency": fluency,
-        "fluency_unedited": baseline.fluency,
-        "ppl_r": perplexity_ratio(gen_nll, target_nll),
-        "exact_match": float(starts_with_target(after, request.target)),
-        "before": baseline.before,
-        "after": after,
-    }
+    cases = []
+    position = 0
+    for k, record in enumerate(records):
+        request, baseline = record.request, baselines[k]
+        n_reph, n_port, n_loc = len(record.rephrase), len(record.portability), len(record.locality)
+        mine = predictions[position: position + 1 + n_reph + n_port + n_loc]
+        position += len(mine)
+        rephrase = mine[1: 1 + n_reph]
+        portability = mine[1 + n_reph: 1 + n_reph + n_port]
+        locality = mine[1 + n_reph + n_port:]
+        port_scores = [p.accuracy for p in portability]
+        loc_scores = [agreement(e, u) for e, u in zip(locality, baseline.locality)]
+        cases.append({
+            "edit_success": mine[0].accuracy,
+            "rephrase": statistics.fmean(p.accuracy for p in rephrase) if rephrase else None,
+            "portability": statistics.fmean(port_scores) if port_scores else None,
+            "portability_by_type": by_kind(port_scores, [i.kind for i in record.portability]),
+            "locality": statistics.fmean(loc_scores) if loc_scores else None,
+            "locality_by_type": by_kind(loc_scores, [i.kind for i in record.locality]),
+            "fluency": ngram_entropy(samples[k][0]),
+            "fluency_unedited": baseline.fluency,
+            "ppl_r": perplexity_ratio(gen_nlls[k], target_nlls[k]),
+            "exact_match": float(starts_with_target(afters[k], request.target)),
+            "before": baseline.before,
+            "after": afters[k],
+        })
+    return cases
+
+
+def measure_edited(editor: ICELoRAEditor, record: BenchmarkRecord, baseline: Baseline, seed: int) -> dict[str, Any]:
+    """:func:`measure_edited_many` for one record on the model as it is now."""
+    return measure_edited_many(editor, [record], [baseline], seed)[0]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -199,6 +221,7 @@ def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
     fluency = _mean([c["fluency"] for c in cases])
     fluency_unedited = _mean([c["fluency_unedited"] for c in cases])
     seconds = [c["seconds"] for c in cases if c.get("seconds") is not None]
+    case_seconds = [c["case_seconds"] for c in cases if c.get("case_seconds") is not None]
     return {
         "n_cases": len(cases),
         "edit_success": _mean([c["edit_success"] for c in cases]),
@@ -214,6 +237,7 @@ def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
         "ppl_r_median": statistics.median([c["ppl_r"] for c in cases]) if cases else None,
         "exact_match": _mean([c["exact_match"] for c in cases]),
         "seconds_per_edit": statistics.fmean(seconds) if seconds else None,
+        "seconds_per_case": statistics.fmean(case_seconds) if case_seconds else None,
         "median_steps": statistics.median([c["steps"] for c in cases if c.get("steps") is not None])
         if any(c.get("steps") is not None for c in cases) else None,
     }
@@ -301,27 +325,65 @@ def case_header(record: BenchmarkRecord) -> dict[str, Any]:
 
 
 def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, output: Path, seed: int,
-               resume: bool) -> dict[str, Any]:
-    """The single-edit protocol: edit, evaluate, revert, for every record; resumable."""
-    bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed), resume)
-    todo = [r for r in dataset.records if r.index not in bench.done]
+               resume: bool, edits_at_once: int = 1, train_together: bool | None = None) -> dict[str, Any]:
+    """The single-edit protocol: edit, evaluate, revert, for every record; resumable.
+
+    ``edits_at_once`` > 1 keeps that many records' edits, each in its own adapter
+    (:meth:`ICELoRAEditor.edit_each`), and evaluates them in shared batches; each case's result is
+    what editing it alone gives, up to float rounding. ``train_together``: train each group in one
+    batched loop (default: on CUDA) or one edit after another (default on CPU, where batching the
+    training does not pay). The records are grouped by position in the selection, so a resumed run
+    forms the same groups. ``method`` ``none`` measures the unedited model, ``edits_at_once``
+    records per batch.
+    """
+    if edits_at_once < 1:
+        raise IceloraError(f"edits at once must be at least 1, got {edits_at_once}")
     device = next(editor.model.parameters()).device
+    if train_together is None:
+        train_together = device.type == "cuda"
+    extra = None
+    if edits_at_once > 1:
+        extra = {"edits_at_once": edits_at_once, "train_together": train_together and method != "none"}
+    bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed, extra), resume)
+    groups = [dataset.records[i: i + edits_at_once] for i in range(0, len(dataset.records), edits_at_once)]
+    groups = [g for g in groups if any(r.index not in bench.done for r in g)]
     editor.revert()
     baselines = BaselineStore(output / "baselines.jsonl")
-    baselines.fill(editor, todo, seed)
-    for record in tqdm(todo, desc=f"{method} single", initial=len(dataset.records) - len(todo),
-                       total=len(dataset.records), file=sys.stderr):
+    baselines.fill(editor, [r for g in groups for r in g], seed)
+    bar = tqdm(total=len(dataset.records), initial=len(bench.done), desc=f"{method} single", file=sys.stderr)
+    for group in groups:
+        start = time.perf_counter()
         editor.revert()
-        baseline = baselines.get(record.index)
-        steps = seconds = None
-        if method != "none":
-            result = editor.edit(record.request, progress=False)
-            steps, seconds = result.steps, result.seconds
-        case = {**case_header(record), **measure_edited(editor, record, baseline, seed),
-                "steps": steps, "seconds": seconds}
+        base = [baselines.get(r.index) for r in group]
+        if method == "none":
+            measures = measure_edited_many(editor, group, base, seed)
+            results: list[EditResult | None] = [None] * len(group)
+        elif edits_at_once == 1:
+            results = [editor.edit(group[0].request, progress=False)]
+            measures = measure_edited_many(editor, group, base, seed)
+        else:
+            with editor.edit_each([r.request for r in group], progress=False, together=train_together) as edits:
+                measures = measure_edited_many(editor, group, base, seed, adapters=edits.adapters)
+                results = list(edits.results)
         editor.revert()
-        bench.add(case)
-    return bench.finish({"peak_memory_mb": round(peak_memory_mb(device), 1), "skipped": dataset.skipped})
+        case_seconds = (time.perf_counter() - start) / len(group)
+        memory = round(peak_memory_mb(device), 1)
+        for record, measure, result in zip(group, measures, results):
+            if record.index in bench.done:
+                continue
+            bench.add({**case_header(record), **measure, "steps": result.steps if result else None,
+                       "seconds": result.seconds if result else None, "case_seconds": case_seconds,
+                       "peak_memory_mb": memory})
+            bar.update(1)
+    bar.close()
+    return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
+
+
+def run_peak_memory(cases: list[dict[str, Any]], device: torch.device) -> float:
+    """Peak memory of the whole run: this process's peak, or a larger one recorded by an earlier
+    (resumed) process in its cases."""
+    recorded = [c["peak_memory_mb"] for c in cases if c.get("peak_memory_mb") is not None]
+    return max([round(peak_memory_mb(device), 1), *recorded])
 
 
 def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
@@ -335,7 +397,7 @@ def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     for record in tqdm(todo, desc="checkpoint eval", initial=len(dataset.records) - len(todo),
                        total=len(dataset.records), file=sys.stderr):
         bench.add(_evaluate_fixed(editor, record, seed))
-    return bench.finish({"peak_memory_mb": round(peak_memory_mb(device), 1), "skipped": dataset.skipped})
+    return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
 
 
 def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
@@ -373,7 +435,7 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
         case = _evaluate_fixed(editor, record, seed)
         case.update(steps=by_index[record.index]["steps"], seconds=by_index[record.index]["seconds"])
         bench.add(case)
-    metrics = bench.finish({"peak_memory_mb": round(peak_memory_mb(device), 1), "skipped": dataset.skipped})
+    metrics = bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
     if len(records) not in curve_done:
         with open(curve_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"n_edits": len(records), **aggregate(bench.cases)}) + "\n")

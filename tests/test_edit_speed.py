@@ -1,0 +1,52 @@
+"""The speed benchmark on a tiny model folder: its table, JSON keys, edits-at-once rows, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import edit_speed
+
+
+@pytest.fixture
+def tiny_llama_folder(tmp_path):
+    loaded = tiny_llama()
+    folder = tmp_path / "tiny-llama"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_table_and_json(tiny_llama_folder, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    code = edit_speed.main(["--model", str(tiny_llama_folder), "--methods", "ice,ice-lora", "--edits", "2",
+                            "--edits-at-once", "2", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"methods", "model", "device", "dtype", "edits", "matmul_gflops"} <= set(report)
+    rows = {r["method"]: r for r in report["methods"]}
+    assert set(rows) == {"ice", "ice-lora", "ice-lora x2"}  # ice trains full matrices: no x2 row
+    for row in rows.values():
+        for key in ("median_seconds_per_edit", "min_seconds_per_edit", "max_seconds_per_edit", "median_steps",
+                    "peak_memory_mb", "trainable_params", "ratio_to_ice", "flops_per_step", "x_floor"):
+            assert key in row, key
+        assert row["flops_per_step"] > 0 and row["x_floor"] > 0 and len(row["seconds_per_edit"]) == 2
+    assert rows["ice"]["ratio_to_ice"] == 1.0
+    assert rows["ice-lora x2"]["steps"] == rows["ice-lora"]["steps"]
+    assert "ice-lora x2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--methods", "ice,rome"], "unknown method(s) ['rome']"),
+    (["--shape", "gpt5"], "unknown shape 'gpt5'"),
+    (["--edits", "0"], "--edits must be between 1"),
+])
+def test_bad_input(capsys, argv, message):
+    assert edit_speed.main(argv) == 2
+    assert message in capsys.readouterr().err

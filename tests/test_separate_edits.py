@@ -1,0 +1,205 @@
+"""Many edits trained together, each in its own adapter, against the same edits made one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icelora import EditConfig, ICELoRAEditor
+from icelora.editing_loop import run_independent_edit_loop
+from icelora.errors import InvalidConfigError
+from icelora.evaluation.metrics import continuation_nll, continuation_nlls
+from icelora.evaluation.runner import read_cases, run_single
+from icelora.losses import LossParts, Objective, RequestLoss, build_plan
+from icelora.request import EditRequest
+from icelora.sampling import sample_completions
+from tests.conftest import tiny_gpt2, tiny_llama
+from tests.test_evaluation import STABLE_KEYS
+
+REQUESTS = [
+    EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome",
+                contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower.")),
+    EditRequest(prompt="The mother tongue of Danielle Darrieux is", target="Italian family",
+                contexts=("Danielle Darrieux speaks Italian.", "Italian is the mother tongue of Danielle.")),
+    EditRequest(prompt="Which family does Epaspidoceras belong to?", target="Geometridae",
+                contexts=("Epaspidoceras is a genus of Geometridae.", "The family of Epaspidoceras is Geometridae.")),
+]
+PROBE = "The place of death of Leo Arons is"
+# Early stopping on "target learned" alone (tolerance large), so the edits stop at different steps.
+SETTINGS = {"max_steps": 12, "layers": [1, 2], "learning_rate": 5e-2, "early_stop_patience": 1,
+            "early_stop_tolerance": 100.0}
+
+
+def test_independent_loss_is_the_sum_of_each_requests_own_loss(tiny):
+    config = EditConfig(num_contexts=2, completion_length=3, seed=3)
+    together = Objective(build_plan(tiny.tokenizer, REQUESTS, config, independent=True), config,
+                         torch.device("cpu"))
+    alone = [Objective(build_plan(tiny.tokenizer, [r], config), config, torch.device("cpu"))(tiny.model, 4)
+             for r in REQUESTS]
+    parts = together(tiny.model, 4)
+    assert parts.loss.item() == pytest.approx(sum(a.loss.item() for a in alone), rel=1e-5)
+    for mine, single in zip(parts.per_request, alone):
+        assert mine.loss == pytest.approx(single.loss.item(), rel=1e-5)
+        assert mine.ft == pytest.approx(single.ft, rel=1e-5) and mine.ice == pytest.approx(single.ice, rel=1e-5)
+        assert mine.learned == single.target_learned
+    subset = together(tiny.model, 4, active=[2, 0])
+    assert [r.loss for r in subset.per_request] == pytest.approx([alone[2].loss.item(), alone[0].loss.item()],
+                                                                 rel=1e-5)
+
+
+def test_a_joint_plan_cannot_run_a_subset(tiny):
+    config = EditConfig(num_contexts=2, completion_length=2)
+    objective = Objective(build_plan(tiny.tokenizer, REQUESTS, config), config, torch.device("cpu"))
+    with pytest.raises(ValueError, match="independent"):
+        objective(tiny.model, 0, active=[0])
+
+
+def test_grouped_sampling_does_not_depend_on_the_other_rows(tiny):
+    tok = tiny.tokenizer
+    rows = [tuple(tok(t)["input_ids"]) for t in ("The Eiffel Tower is", "Rome is the capital of", "Which family")]
+    eos = {tok.eos_token_id}
+    together = sample_completions(tiny.model, rows, tok.pad_token_id, 4, 1.0,
+                                  [torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)], eos,
+                                  row_groups=[0, 1, 1])
+    alone = sample_completions(tiny.model, rows[1:], tok.pad_token_id, 4, 1.0, torch.Generator().manual_seed(5), eos)
+    assert torch.equal(together.tokens[1:], alone.tokens)
+    assert torch.allclose(together.teacher_logits[1:], alone.teacher_logits, atol=1e-5)
+
+
+def test_loop_drops_a_stopped_edit_and_leaves_its_tensors_alone():
+    """A stub objective: edit 0 is learned at once, edit 1 never; edit 0 must stop after step 2
+    (patience 1 needs two learned steps with a flat loss) and keep its tensors from then on."""
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))]
+    seen_active: list[list[int]] = []
+
+    def objective(model, step, active):
+        seen_active.append(list(active))
+        losses = [(weights[k] ** 2).sum() for k in active]
+        requests = [RequestLoss(loss=float(v.detach()), ft=0.5, ice=0.0, learned=k == 0)
+                    for k, v in zip(active, losses)]
+        return LossParts(loss=torch.stack(losses).sum(), ft=0.5, ice=0.0, target_learned=False,
+                         per_request=requests)
+
+    class NoParams:
+        def training(self, on):
+            pass
+
+    config = EditConfig(max_steps=5, early_stopping=True, early_stop_patience=1, early_stop_tolerance=1.0,
+                        learning_rate=0.1)
+    values_after: list[torch.Tensor] = []
+    original = objective
+
+    def watching(model, step, active):
+        values_after.append(weights[0].detach().clone())
+        return original(model, step, active)
+
+    histories = run_independent_edit_loop(None, NoParams(), weights, watching, 2, config, progress=False)
+    assert [len(h) for h in histories] == [2, 5]
+    assert seen_active == [[0, 1], [0, 1], [1], [1], [1]]
+    assert all(torch.equal(v, values_after[2]) for v in values_after[2:])
+    assert not torch.equal(values_after[2], torch.ones(3))
+
+
+def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor]:
+    return {k.replace(f".{name}.", "."): v.detach().clone() for k, v in editor.model.named_parameters()
+            if ".lora_" in k and f".{name}." in k}
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
+@pytest.mark.parametrize("method", ["ice-lora", "lora"])
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
+    """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
+    rate amplifies float32 rounding on these tiny random models)."""
+    loaded = builder()
+    loaded.model.double()
+    editor = ICELoRAEditor(loaded, method=method, **SETTINGS)
+    probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])
+    plain_logits = editor.model(probe).logits
+    counts = editor.parameter_counts()
+    alone = []
+    for request in REQUESTS:
+        result = editor.edit(request, progress=False)
+        alone.append((result, _adapter_tensors(editor, "default"), editor.model(probe).logits))
+        editor.revert()
+
+    editor.edit(REQUESTS[0], progress=False)  # an edit the live model holds: edit_each starts from the unedited model
+    held = editor.model(probe).logits
+    with editor.edit_each(REQUESTS, progress=False, together=together) as edits:
+        assert len(edits.adapters) == len(REQUESTS) == len(set(edits.adapters))
+        for k, (result, tensors, logits) in enumerate(alone):
+            mine = edits.results[k]
+            assert mine.steps == result.steps
+            assert [r.loss for r in mine.history] == pytest.approx(result.losses, rel=1e-9, abs=1e-9)
+            together = _adapter_tensors(editor, edits.adapters[k])
+            assert together.keys() == tensors.keys()
+            for key in tensors:
+                assert together[key].dtype == torch.float64
+                assert (together[key] - tensors[key]).abs().max() < 1e-9, key
+            routed = editor.model(probe, adapter_names=[edits.adapters[k]]).logits
+            assert (routed - logits).abs().max() < 1e-8
+        # unrouted rows see the model as it was
+        assert torch.equal(editor.model(probe).logits, held)
+        assert edits.results[0].trainable_params == counts[0]
+    assert torch.equal(editor.model(probe).logits, held)
+    editor.revert()
+    assert torch.equal(editor.model(probe).logits, plain_logits)
+    if method == "ice-lora":
+        assert len({r.steps for r, _, _ in alone}) > 1, "the edits should stop at different steps"
+    assert editor.parameter_counts() == counts
+    assert not any(".edit_" in n for n, _ in editor.model.named_parameters())
+
+
+def test_edit_each_needs_a_lora_method():
+    editor = ICELoRAEditor(tiny_gpt2(), method="ft-m", max_steps=1)
+    with pytest.raises(InvalidConfigError, match="LoRA"), editor.edit_each(REQUESTS[:2], progress=False):
+        pass
+
+
+def test_generate_many_with_a_limit_per_prompt(tiny):
+    editor = ICELoRAEditor(tiny, method="lora", max_steps=1)
+    prompts = ["The Eiffel Tower is", "Rome is the capital of"]
+    assert editor.generate_many(prompts, [2, 6]) == [editor.generate(prompts[0], 2), editor.generate(prompts[1], 6)]
+
+
+def test_batched_continuation_nll_equals_one_at_a_time(tiny):
+    tok = tiny.tokenizer
+    items = [(tuple(tok("The Eiffel Tower is")["input_ids"]), tuple(tok(" in Rome")["input_ids"][-2:])),
+             (tuple(tok("Rome")["input_ids"]), tuple(tok(" is the capital of Italy")["input_ids"][-4:])),
+             (tuple(tok("Rome")["input_ids"]), ())]
+    got = continuation_nlls(tiny.model, tok.pad_token_id, items)
+    assert got[:2] == pytest.approx([continuation_nll(tiny.model, p, c) for p, c in items[:2]], rel=1e-5)
+    assert got[2] != got[2]  # NaN for an empty continuation
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
+def test_benchmark_with_edits_at_once_equals_one_at_a_time(tmp_path, fixture_data, together):
+    def make():
+        return ICELoRAEditor(tiny_llama(), method="ice-lora", **SETTINGS)
+
+    one = run_single(make(), "ice-lora", fixture_data, tmp_path / "one", seed=0, resume=False)
+    two = run_single(make(), "ice-lora", fixture_data, tmp_path / "two", seed=0, resume=False, edits_at_once=2,
+                     train_together=together)
+    for key in STABLE_KEYS:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    assert two["run"]["edits_at_once"] == 2 and two["run"]["train_together"] is together
+    assert "edits_at_once" not in one["run"]
+    cases_one = read_cases(tmp_path / "one" / "cases.jsonl")
+    cases_two = read_cases(tmp_path / "two" / "cases.jsonl")
+    assert [c["after"] for c in cases_two] == [c["after"] for c in cases_one]
+    assert [c["steps"] for c in cases_two] == [c["steps"] for c in cases_one]
+    assert all(c["case_seconds"] > 0 and c["peak_memory_mb"] > 0 for c in cases_two)
+    assert two["seconds_per_case"] > 0
+
+    # a resumed run forms the same groups: lose one case of the first group [0, 1] and resume
+    lines = (tmp_path / "two" / "cases.jsonl").read_text().splitlines()
+    (tmp_path / "two" / "cases.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+    again = run_single(make(), "ice-lora", fixture_data, tmp_path / "two", seed=0, resume=True, edits_at_once=2,
+                       train_together=together)
+    assert {k: again[k] for k in STABLE_KEYS} == {k: two[k] for k in STABLE_KEYS}
+
+
+def test_unedited_reference_rows_in_shared_batches(tmp_path, fixture_data):
+    editor = ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=1)
+    batched = run_single(editor, "none", fixture_data, tmp_path / "none", seed=0, resume=False, edits_at_once=3)
+    assert batched["locality"] == 1.0 and batched["fluency_ratio"] == 1.0
