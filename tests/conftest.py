@@ -102,3 +102,13 @@ def fixture_data(tmp_path):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))
     return load_dataset(path)
+
+
+@pytest.fixture
+def tiny_llama_folder(tmp_path):
+    """The tiny Llama model and tokenizer saved as a model folder."""
+    loaded = tiny_llama()
+    folder = tmp_path / "tiny-llama"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder

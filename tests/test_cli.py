@@ -5,16 +5,6 @@ from __future__ import annotations
 import pytest
 
 from icelora.cli import main, parse_layers, starts_with_target
-from tests.conftest import tiny_llama
-
-
-@pytest.fixture
-def tiny_llama_folder(tmp_path):
-    loaded = tiny_llama()
-    folder = tmp_path / "tiny-llama"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

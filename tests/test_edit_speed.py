@@ -8,19 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_llama
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import edit_speed
-
-
-@pytest.fixture
-def tiny_llama_folder(tmp_path):
-    loaded = tiny_llama()
-    folder = tmp_path / "tiny-llama"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_table_and_json(tiny_llama_folder, tmp_path, capsys):
