@@ -176,6 +176,10 @@ def test_early_stopping_rule():
     assert should_stop(_history((0.6, True), (0.58, True), (0.55, True)), config)
     assert not should_stop(_history((0.6, True), (0.58, False), (0.57, True)), config)  # not learned throughout
     assert not should_stop(_history((0.6, True), (0.5, True), (0.49, True)), config)  # still dropping
+    at_once = config.replace(early_stop_patience=0)
+    assert should_stop(_history((3.0, False), (1.2, True)), at_once)  # learned: stop, however it moves
+    assert not should_stop(_history((0.6, True), (0.5, False)), at_once)
+    assert not should_stop([], at_once)
 
 
 def test_early_stopping_ends_the_loop(tiny):

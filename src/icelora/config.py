@@ -29,7 +29,7 @@ class EditConfig:
         self-induced completions ``x_c`` from the context-conditioned model.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
-        ``early_stop_patience`` consecutive steps.
+        ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).
     """
 
     objective: str = "ice"
@@ -66,7 +66,7 @@ class EditConfig:
                 f"parameterization {self.parameterization!r} is unknown; choose from {list(PARAMETERIZATIONS)}"
             )
         positive_ints = ("max_steps", "lora_rank", "num_contexts", "samples_per_context",
-                         "completion_length", "early_stop_patience")
+                         "completion_length")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -76,6 +76,9 @@ class EditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise InvalidConfigError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.early_stop_patience, int) or isinstance(self.early_stop_patience, bool) \
+                or self.early_stop_patience < 0:
+            raise InvalidConfigError(f"early_stop_patience must be an integer >= 0, got {self.early_stop_patience!r}")
         non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance")
         for name in non_negative:
             value = getattr(self, name)

@@ -38,9 +38,12 @@ def should_stop(history: list[StepRecord], config: EditConfig) -> bool:
     Learned: the greedy, teacher-forced, context-free prediction of every target token is right in
     each of the last ``early_stop_patience`` steps. Flat: over those steps the target cross-entropy
     (``ft``, nats per token) moved by at most ``early_stop_tolerance`` from step to step. The ICE
-    term is left out of the test: it is a sampled estimate and never settles.
+    term is left out of the test: it is a sampled estimate and never settles. Patience 0 stops at
+    the first step whose target is learned, with no flatness test.
     """
     k = config.early_stop_patience
+    if k == 0:
+        return bool(history) and history[-1].target_learned
     if len(history) < k + 1:
         return False
     recent = history[-(k + 1):]
