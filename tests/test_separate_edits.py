@@ -106,14 +106,17 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 
 
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
-@pytest.mark.parametrize("method", ["ice-lora", "lora"])
+@pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors"])
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
-    rate amplifies float32 rounding on these tiny random models)."""
+    rate amplifies float32 rounding on these tiny random models). ``+anchors``: with the locality
+    term, each edit's anchor rows routed to its own adapter."""
     loaded = builder()
     loaded.model.double()
-    editor = ICELoRAEditor(loaded, method=method, **SETTINGS)
+    extra = {"lambda_locality": 0.5, "locality_anchors": 2} if method.endswith("+anchors") else {}
+    method = method.removesuffix("+anchors")
+    editor = ICELoRAEditor(loaded, method=method, **SETTINGS, **extra)
     probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])
     plain_logits = editor.model(probe).logits
     counts = editor.parameter_counts()

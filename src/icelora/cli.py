@@ -1,4 +1,4 @@
-"""The ``icelora`` command line: ``icelora edit`` and ``icelora demo``."""
+"""The ``icelora`` command line: ``edit``, ``eval``, ``train``, ``compare``, ``report`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from icelora.config import EditConfig
@@ -104,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
 
+    compare = sub.add_parser("compare", help="several methods on the same records (configs/compare.yaml), resumable")
+    compare.add_argument("--config", required=True, help="study YAML, e.g. configs/compare.yaml")
+    compare.add_argument("--output", required=True, help="root folder of the run folders, e.g. reports/runs")
+    compare.add_argument("--only", action="append", default=None, help="run just this method (repeatable)")
+    compare.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    compare.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
+
+    report = sub.add_parser("report", help="evaluation report (markdown + PDF with figures) from run folders")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding them (searched for run.json)")
+    report.add_argument("--output", required=True, help="folder for evaluation_report.md / .pdf and figures/")
+    report.add_argument("--title", default="icelora evaluation report", help="report title")
+    report.add_argument("--targets", default=None, help="YAML file with a 'targets' list to check (e.g. "
+                                                        "configs/compare.yaml)")
+    report.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
+
     demo = sub.add_parser("demo", help="three counterfactual edits on the embedded model, before and after")
     add_model_arguments(demo)
     return parser
@@ -111,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_edit(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything cheap first, then load, edit, compare and (optionally) save."""
-    from pathlib import Path
 
     from icelora.icelora_editor import ICELoRAEditor, check_save_target
     from icelora.models import load_model
@@ -191,6 +206,23 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = train(read_train_config(args.config), args.output_dir, resume=args.resume)
             print(json.dumps(summary, indent=2))
+        elif args.command == "compare":
+            from icelora.evaluation.compare import plan_jobs, read_compare_config, run_compare
+
+            study = read_compare_config(args.config)
+            if args.list:
+                for job in plan_jobs(study, Path(args.output)):
+                    print(f"{job.protocol:10s} {job.dataset:12s} {job.indices:10s} {job.method:9s} {job.folder}")
+            else:
+                line = " ".join(["icelora", *(argv if argv is not None else sys.argv[1:])])
+                print(json.dumps(run_compare(study, Path(args.output), args.only, command=line), indent=2))
+        elif args.command == "report":
+            from icelora.evaluation.report import write_report
+
+            line = " ".join(["icelora", *(argv if argv is not None else sys.argv[1:])])
+            written = write_report([Path(r) for r in args.runs], Path(args.output), title=args.title,
+                                   targets_file=Path(args.targets) if args.targets else None, command=line)
+            print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
         elif args.command == "demo":
             from icelora.demo import run_demo
 

@@ -27,6 +27,8 @@ class EditConfig:
     clamp: for ``full``, keep every trained element within ``theta0 +- clamp`` (``None``: no clamp).
     num_contexts / samples_per_context / completion_length / temperature: the ICE sampling of
         self-induced completions ``x_c`` from the context-conditioned model.
+    lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many unrelated
+        anchor texts per step (:mod:`icelora.anchors`); 0 turns it off.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
         ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).
@@ -49,6 +51,8 @@ class EditConfig:
     completion_length: int = 3
     temperature: float = 1.0
     context_template: str = "{context} {prompt}"
+    lambda_locality: float = 0.0
+    locality_anchors: int = 4
     early_stopping: bool = False
     early_stop_patience: int = 2
     early_stop_tolerance: float = 0.05
@@ -66,7 +70,7 @@ class EditConfig:
                 f"parameterization {self.parameterization!r} is unknown; choose from {list(PARAMETERIZATIONS)}"
             )
         positive_ints = ("max_steps", "lora_rank", "num_contexts", "samples_per_context",
-                         "completion_length")
+                         "completion_length", "locality_anchors")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -79,7 +83,7 @@ class EditConfig:
         if not isinstance(self.early_stop_patience, int) or isinstance(self.early_stop_patience, bool) \
                 or self.early_stop_patience < 0:
             raise InvalidConfigError(f"early_stop_patience must be an integer >= 0, got {self.early_stop_patience!r}")
-        non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance")
+        non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance", "lambda_locality")
         for name in non_negative:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:

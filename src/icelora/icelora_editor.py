@@ -18,6 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
+from icelora.anchors import AnchorTeacher, anchor_teacher
 from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
@@ -174,7 +175,7 @@ class ICELoRAEditor:
     def _train(self, batch: list[EditRequest], progress: bool) -> tuple[list[StepRecord], float]:
         """Run the editing loop on the live parameters; (step history, seconds)."""
         plan = build_plan(self.tokenizer, batch, self.config)
-        objective = Objective(plan, self.config, model_device(self.model))
+        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teacher(plan.pad_id))
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
         history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
@@ -230,7 +231,7 @@ class ICELoRAEditor:
     def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
-        objective = Objective(plan, self.config, model_device(self.model))
+        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teacher(plan.pad_id))
         start = time.perf_counter()
         histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
                                               objective, len(batch), self.config, progress=progress)
@@ -252,6 +253,14 @@ class ICELoRAEditor:
                 histories.append(history)
                 seconds.append(took)
         return histories, seconds
+
+    def anchor_teacher(self, pad_id: int) -> AnchorTeacher | None:
+        """The unedited model's distributions on the locality anchors (``None`` when
+        ``lambda_locality`` is 0)."""
+        if not self.config.lambda_locality:
+            return None
+        with self.unedited():
+            return anchor_teacher(self.model, self.tokenizer, pad_id)
 
     def revert(self) -> None:
         """Undo every edit: the model is exactly the unedited one again."""

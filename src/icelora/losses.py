@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from icelora.anchors import AnchorTeacher, anchor_kl
 from icelora.config import EditConfig
 from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
@@ -305,17 +306,32 @@ def ice_reference_loss(model: nn.Module, plan: EditPlan, config: EditConfig, ste
     return combine(plan, loss, ft, ice, wrong_per_request(pred, labels, owner_ids[rows], n))
 
 
+def with_locality(parts: LossParts, plan: EditPlan, kl: torch.Tensor, weight: float) -> LossParts:
+    """Add ``weight * kl`` to every request's loss: ``kl`` holds one value per request of an
+    independent plan, or a single value shared by all requests of a joint one."""
+    n = len(plan.requests)
+    per_request = kl if plan.independent else kl.expand(n)
+    extra = (weight * per_request).detach().tolist()
+    requests = [replace(r, loss=r.loss + e) for r, e in zip(parts.per_request, extra)]
+    return replace(parts, loss=parts.loss + weight * plan.reduce(per_request), per_request=requests)
+
+
 class Objective:
     """An objective bound to one edit call: call it once per step to get that step's loss.
 
     Each step's randomness depends on (seed, step) only, so a resumed run repeats it exactly; in an
     independent plan every request has its own generator with that seed, so an edit trained beside
-    others draws what it would draw alone.
+    others draws what it would draw alone. ``anchors`` (needed when ``lambda_locality > 0``): the
+    pre-edit model's distributions on the locality anchors (:mod:`icelora.anchors`).
     """
 
-    def __init__(self, plan: EditPlan, config: EditConfig, device: torch.device) -> None:
+    def __init__(self, plan: EditPlan, config: EditConfig, device: torch.device,
+                 anchors: AnchorTeacher | None = None) -> None:
+        if config.lambda_locality and anchors is None:
+            raise ValueError("lambda_locality > 0 needs the anchors' pre-edit distributions")
         self.plan = plan
         self.config = config
+        self.anchors = anchors
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
@@ -332,6 +348,17 @@ class Objective:
                 raise ValueError("only an independent plan can run a subset of its requests")
             plan = plan.subset(active)
             generators, rngs = [generators[i] for i in active], [rngs[i] for i in active]
+        parts = self.objective_parts(model, plan, step, generators, rngs)
+        if not self.config.lambda_locality:
+            return parts
+        owners = len(plan.requests) if plan.independent else 1
+        chosen = self.anchors.choose(self.config.locality_anchors, self.config.seed, step)
+        route = plan.route([k for k in range(owners) for _ in chosen])
+        kl = anchor_kl(model, self.anchors, chosen, plan.pad_id, owners, route)
+        return with_locality(parts, plan, kl, self.config.lambda_locality)
+
+    def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],
+                        rngs: list[random.Random]) -> LossParts:
         name = self.config.objective
         if name == "ft":
             return ft_loss(model, plan, self.config, step)

@@ -140,8 +140,9 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
     """Epochs over minibatches, one optimizer step per minibatch, a checkpoint after every epoch."""
     device = next(editor.model.parameters()).device
     batches = [requests[i: i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
-    objective = CyclingObjective([Objective(build_plan(editor.tokenizer, b, edit_config), edit_config, device)
-                                  for b in batches])
+    plans = [build_plan(editor.tokenizer, b, edit_config) for b in batches]
+    anchors = editor.anchor_teacher(plans[0].pad_id)
+    objective = CyclingObjective([Objective(plan, edit_config, device, anchors) for plan in plans])
     optimizer = make_optimizer(editor.params, edit_config)
     start = 0
     checkpoints = sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

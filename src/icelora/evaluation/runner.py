@@ -103,11 +103,6 @@ def measure_baselines(editor: ICELoRAEditor, records: list[BenchmarkRecord], see
             for r, before, (text, _, _) in zip(records, befores, texts)]
 
 
-def measure_baseline(editor: ICELoRAEditor, record: BenchmarkRecord, seed: int) -> Baseline:
-    """:func:`measure_baselines` for one record."""
-    return measure_baselines(editor, [record], seed)[0]
-
-
 class BaselineStore:
     """Baselines of the unedited model, computed in batches before editing and kept in
     ``baselines.jsonl`` so that a resumed run uses exactly the same ones."""
@@ -197,11 +192,6 @@ def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], b
             "after": afters[k],
         })
     return cases
-
-
-def measure_edited(editor: ICELoRAEditor, record: BenchmarkRecord, baseline: Baseline, seed: int) -> dict[str, Any]:
-    """:func:`measure_edited_many` for one record on the model as it is now."""
-    return measure_edited_many(editor, [record], [baseline], seed)[0]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -304,8 +294,9 @@ class BenchmarkRun:
 
 
 def run_description(editor: ICELoRAEditor, method: str, protocol: str, dataset: LoadedDataset, seed: int,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``run`` object: model, method, hyperparameters, seed, data file and sha256, indices, versions."""
+                    extra: dict[str, Any] | None = None, command: str | None = None) -> dict[str, Any]:
+    """The ``run`` object: model, method, hyperparameters, seed, data file and sha256, indices, versions,
+    and the command that makes it (default: this process's command line)."""
     device = next(editor.model.parameters()).device
     return {
         "model": editor.model_name, "method": method, "protocol": protocol,
@@ -314,7 +305,7 @@ def run_description(editor: ICELoRAEditor, method: str, protocol: str, dataset: 
         "data_file": str(dataset.path.resolve()), "data_sha256": sha256_of(dataset.path),
         "data_format": dataset.format, "indices": dataset.indices, "skipped": dataset.skipped,
         "dtype": str(next(editor.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
-        "versions": library_versions(), "command": " ".join(sys.argv), **(extra or {}),
+        "versions": library_versions(), "command": command or " ".join(sys.argv), **(extra or {}),
     }
 
 
@@ -325,7 +316,8 @@ def case_header(record: BenchmarkRecord) -> dict[str, Any]:
 
 
 def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, output: Path, seed: int,
-               resume: bool, edits_at_once: int = 1, train_together: bool | None = None) -> dict[str, Any]:
+               resume: bool, edits_at_once: int = 1, train_together: bool | None = None,
+               command: str | None = None) -> dict[str, Any]:
     """The single-edit protocol: edit, evaluate, revert, for every record; resumable.
 
     ``edits_at_once`` > 1 keeps that many records' edits, each in its own adapter
@@ -344,7 +336,7 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     extra = None
     if edits_at_once > 1:
         extra = {"edits_at_once": edits_at_once, "train_together": train_together and method != "none"}
-    bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed, extra), resume)
+    bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed, extra, command), resume)
     groups = [dataset.records[i: i + edits_at_once] for i in range(0, len(dataset.records), edits_at_once)]
     groups = [g for g in groups if any(r.index not in bench.done for r in g)]
     editor.revert()
@@ -376,7 +368,8 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
                        "peak_memory_mb": memory})
             bar.update(1)
     bar.close()
-    return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
+    return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped,
+                         "trainable_params": 0 if method == "none" else editor.parameter_counts()[0]})
 
 
 def run_peak_memory(cases: list[dict[str, Any]], device: torch.device) -> float:
@@ -393,21 +386,21 @@ def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
                           {"checkpoint": str(checkpoint.resolve()), "edited_requests": len(editor.ledger)})
     bench = BenchmarkRun(output, run, resume)
     device = next(editor.model.parameters()).device
+    baselines = BaselineStore(output / "baselines.jsonl")
     todo = [r for r in dataset.records if r.index not in bench.done]
-    for record in tqdm(todo, desc="checkpoint eval", initial=len(dataset.records) - len(todo),
-                       total=len(dataset.records), file=sys.stderr):
-        bench.add(_evaluate_fixed(editor, record, seed))
+    for case in evaluate_fixed(editor, todo, baselines, seed, desc="checkpoint eval"):
+        bench.add(case)
     return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
 
 
 def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
-                   eval_every: int | None) -> dict[str, Any]:
+                   eval_every: int | None, command: str | None = None) -> dict[str, Any]:
     """Edit the records one after another on one model; evaluate every ``eval_every`` edits and at the end.
 
     After every edit the accumulated adapter is saved to ``output/state`` and the edit is logged
     in ``output/edits.jsonl``, so ``--resume`` continues with the next record.
     """
-    run = run_description(editor, editor.method, "sequential", dataset, seed, {"eval_every": eval_every})
+    run = run_description(editor, editor.method, "sequential", dataset, seed, {"eval_every": eval_every}, command)
     bench = BenchmarkRun(output, run, resume)
     device = next(editor.model.parameters()).device
     edits_path, curve_path, state = output / "edits.jsonl", output / CURVE_FILE, output / "state"
@@ -415,6 +408,9 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     if edits and state.exists():
         editor.params.load(state)
         editor.ledger = [r.request for r in dataset.records if r.index in {e["index"] for e in edits}]
+    baselines = BaselineStore(output / "baselines.jsonl")
+    with editor.unedited():
+        baselines.fill(editor, dataset.records, seed)
     curve_done = {c["n_edits"] for c in read_cases(curve_path)}
     done = {e["index"] for e in edits}
     records = dataset.records
@@ -427,23 +423,31 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
                 handle.write(json.dumps(entry) + "\n")
             edits.append(entry)
         if eval_every and position % eval_every == 0 and position < len(records) and position not in curve_done:
-            partial = [_evaluate_fixed(editor, r, seed) for r in records[:position]]
+            partial = evaluate_fixed(editor, records[:position], baselines, seed, desc=f"eval after {position}")
             with open(curve_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"n_edits": position, **aggregate(partial)}) + "\n")
     by_index = {e["index"]: e for e in edits}
-    for record in tqdm([r for r in records if r.index not in bench.done], desc="final eval", file=sys.stderr):
-        case = _evaluate_fixed(editor, record, seed)
-        case.update(steps=by_index[record.index]["steps"], seconds=by_index[record.index]["seconds"])
+    final = [r for r in records if r.index not in bench.done]
+    for case in evaluate_fixed(editor, final, baselines, seed, desc="final eval"):
+        case.update(steps=by_index[case["index"]]["steps"], seconds=by_index[case["index"]]["seconds"])
         bench.add(case)
-    metrics = bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
+    metrics = bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped,
+                            "trainable_params": editor.parameter_counts()[0]})
     if len(records) not in curve_done:
         with open(curve_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"n_edits": len(records), **aggregate(bench.cases)}) + "\n")
     return metrics
 
 
-def _evaluate_fixed(editor: ICELoRAEditor, record: BenchmarkRecord, seed: int) -> dict[str, Any]:
-    """Evaluate the model as it is against the original model, without editing."""
+def evaluate_fixed(editor: ICELoRAEditor, records: list[BenchmarkRecord], baselines: BaselineStore, seed: int,
+                   desc: str = "eval", batch_size: int = 16) -> list[dict[str, Any]]:
+    """Evaluate the model as it is, without editing, against the unedited model's stored baselines
+    (computed here for records that have none), ``batch_size`` records per forward pass."""
     with editor.unedited():
-        baseline = measure_baseline(editor, record, seed)
-    return {**case_header(record), **measure_edited(editor, record, baseline, seed), "steps": None, "seconds": None}
+        baselines.fill(editor, records, seed)
+    cases = []
+    for start in tqdm(range(0, len(records), batch_size), desc=desc, file=sys.stderr, disable=not records or None):
+        chunk = records[start: start + batch_size]
+        measures = measure_edited_many(editor, chunk, [baselines.get(r.index) for r in chunk], seed)
+        cases += [{**case_header(r), **m, "steps": None, "seconds": None} for r, m in zip(chunk, measures)]
+    return cases

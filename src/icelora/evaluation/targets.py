@@ -1,0 +1,124 @@
+"""Targets of a study (the ``targets`` list of ``configs/compare.yaml``), checked against the runs.
+
+Each target names a run by protocol, data set and method, a metric, and one test::
+
+    - {dataset: zsre-ice, method: ice-lora, metric: locality, at_least: 0.90}
+    - {dataset: zsre-ice, method: ice-lora, metric: locality, better_than: ft-m}
+    - {dataset: zsre-ice, method: ice-lora, metric: portability, not_below: [ft-l, ft-m, lora, ice]}
+    - {dataset: zsre-ice, method: ice-lora, metric: rephrase, not_below: [ice], margin: 0.02}
+
+``protocol`` defaults to ``single``. ``not_below``: at least the best of those methods minus
+``margin``. A target whose runs are missing is reported as not met, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from icelora.config import read_yaml_mapping
+from icelora.errors import InvalidConfigError
+from icelora.evaluation.report_data import RunSummary
+
+TESTS = ("at_least", "at_most", "better_than", "not_below")
+KEYS = {"protocol", "dataset", "method", "metric", "margin", *TESTS}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checkable claim about a run's metric."""
+
+    dataset: str
+    method: str
+    metric: str
+    test: str
+    value: Any
+    protocol: str = "single"
+    margin: float = 0.0
+
+    @property
+    def description(self) -> str:
+        where = f"{self.method} {self.metric} ({self.protocol}, {self.dataset})"
+        if self.test == "at_least":
+            return f"{where} >= {self.value}"
+        if self.test == "at_most":
+            return f"{where} <= {self.value}"
+        if self.test == "better_than":
+            return f"{where} > {self.value}'s"
+        margin = f" - {self.margin}" if self.margin else ""
+        return f"{where} >= best of {', '.join(self.value)}{margin}"
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    description: str
+    measured: str
+    met: bool
+
+
+def read_targets(path: str | Path) -> list[Target]:
+    """The ``targets`` list of a YAML file; errors name the file, the entry and the key."""
+    path = Path(path)
+    entries = read_yaml_mapping(path).get("targets")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidConfigError(f"{path}: 'targets' must be a non-empty list")
+    targets = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: targets[{i}]"
+        if not isinstance(entry, dict):
+            raise InvalidConfigError(f"{where}: must be a mapping")
+        unknown = sorted(set(entry) - KEYS)
+        missing = [k for k in ("dataset", "method", "metric") if k not in entry]
+        tests = [t for t in TESTS if t in entry]
+        if unknown or missing or len(tests) != 1:
+            raise InvalidConfigError(f"{where}: needs dataset, method, metric and exactly one of {list(TESTS)}"
+                                     f"{f'; unknown key(s) {unknown}' if unknown else ''}")
+        test, value = tests[0], entry[tests[0]]
+        if test in ("at_least", "at_most") and not isinstance(value, (int, float)):
+            raise InvalidConfigError(f"{where}: {test} must be a number, got {value!r}")
+        if test == "not_below":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidConfigError(f"{where}: not_below must be a method or a list of methods")
+            value = tuple(value)
+        targets.append(Target(dataset=entry["dataset"], method=entry["method"], metric=entry["metric"],
+                              test=test, value=value, protocol=entry.get("protocol", "single"),
+                              margin=float(entry.get("margin", 0.0))))
+    return targets
+
+
+def _metric(runs: list[RunSummary], protocol: str, dataset: str, method: str, metric: str) -> float | None:
+    for run in runs:
+        if run.protocol == protocol and run.dataset == dataset and run.method == method and run.complete:
+            value = run.metrics.get(metric)
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def check_targets(targets: list[Target], runs: list[RunSummary]) -> list[TargetResult]:
+    """Each target against the finished runs (a partial run does not count)."""
+    results = []
+    for t in targets:
+        value = _metric(runs, t.protocol, t.dataset, t.method, t.metric)
+        if value is None:
+            results.append(TargetResult(t.description, "no finished run", False))
+            continue
+        if t.test == "at_least":
+            results.append(TargetResult(t.description, f"{value:.3f}", value >= t.value))
+            continue
+        if t.test == "at_most":
+            results.append(TargetResult(t.description, f"{value:.3f}", value <= t.value))
+            continue
+        others = {m: _metric(runs, t.protocol, t.dataset, m, t.metric)
+                  for m in ([t.value] if t.test == "better_than" else t.value)}
+        known = {m: v for m, v in others.items() if v is not None}
+        shown = f"{value:.3f} vs " + (", ".join(f"{m} {v:.3f}" for m, v in known.items()) or "nothing")
+        missing = sorted(set(others) - set(known))
+        if missing:
+            results.append(TargetResult(t.description, f"{shown}; no finished run of {', '.join(missing)}", False))
+        elif t.test == "better_than":
+            results.append(TargetResult(t.description, shown, value > max(known.values())))
+        else:
+            results.append(TargetResult(t.description, shown, value >= max(known.values()) - t.margin))
+    return results

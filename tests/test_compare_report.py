@@ -1,0 +1,153 @@
+"""``icelora compare`` (a study of several methods, resumable) and ``icelora report`` (md + pdf)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icelora.cli import main
+from icelora.errors import InvalidConfigError
+from icelora.evaluation.compare import plan_jobs, read_compare_config
+from icelora.evaluation.report_data import read_run
+from icelora.evaluation.targets import check_targets, read_targets
+
+FAST = "max_steps: 2\nlearning_rate: 0.01\nnum_contexts: 2\n"
+
+
+def write_study(tmp_path, model_folder, data_path, extra: str = "") -> str:
+    for method in ("lora", "ft-m"):
+        (tmp_path / f"{method}.yaml").write_text(f"method: {method}\n{FAST}")
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""
+model: {model_folder}
+seed: 0
+single:
+  datasets: {{{data_path}: "0:3"}}
+  methods: [none, ft-m, lora]
+  edits_at_once: 2
+sequential:
+  datasets: {{{data_path}: "0:2"}}
+  methods: [lora]
+  eval_every: 1
+method_configs:
+  lora: {tmp_path / 'lora.yaml'}
+  ft-m: {tmp_path / 'ft-m.yaml'}
+targets:
+  - {{dataset: mixed, method: lora, metric: edit_success, at_least: 0.0}}
+  - {{dataset: mixed, method: lora, metric: locality, better_than: ft-m}}
+  - {{dataset: mixed, method: lora, metric: fluency_ratio, not_below: [ft-m, none], margin: 2.0}}
+  - {{dataset: mixed, method: ice, metric: locality, at_least: 0.5}}
+{extra}""")
+    return str(study)
+
+
+def test_compare_runs_every_method_then_resumes_and_reports(tmp_path, capsys, tiny_llama_folder, fixture_data):
+    study = write_study(tmp_path, tiny_llama_folder, fixture_data.path)
+    out = tmp_path / "runs"
+    assert main(["compare", "--config", study, "--output", str(out), "--list", "-q"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 4 and all("mixed" in line for line in listing)
+
+    assert main(["compare", "--config", study, "--output", str(out), "-q"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["protocol"], r["method"]) for r in rows] == [
+        ("single", "none"), ("single", "ft-m"), ("single", "lora"), ("sequential", "lora")]
+    for method in ("none", "ft-m", "lora"):
+        metrics = json.loads((out / "mixed" / method / "metrics.json").read_text())
+        assert metrics["n_cases"] == 3 and metrics["run"]["method"] == method
+        assert (metrics["trainable_params"] == 0) == (method == "none")
+    lora = json.loads((out / "mixed" / "lora" / "metrics.json").read_text())
+    assert lora["run"]["config"]["max_steps"] == 2 and lora["run"]["edits_at_once"] == 2
+    assert lora["trainable_params"] > 0
+    ft_m = json.loads((out / "mixed" / "ft-m" / "metrics.json").read_text())
+    assert "edits_at_once" not in ft_m["run"]  # full matrices: one edit at a time
+    assert (out / "sequential-mixed" / "lora" / "curve.jsonl").read_text().count("\n") == 2
+
+    # a second call re-reads finished runs: nothing is edited or appended again
+    before = {p: p.read_text() for p in out.rglob("cases.jsonl")}
+    assert main(["compare", "--config", study, "--output", str(out), "--only", "lora", "-q"]) == 0
+    assert [r["method"] for r in json.loads(capsys.readouterr().out)] == ["lora", "lora"]
+    assert {p: p.read_text() for p in out.rglob("cases.jsonl")} == before
+
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--targets", study, "--output", str(report), "-q"]) == 0
+    md = (report / "evaluation_report.md").read_text()
+    assert (report / "evaluation_report.pdf").read_bytes().startswith(b"%PDF")
+    assert {p.name for p in (report / "figures").iterdir()} >= {"mixed-metrics.png", "mixed-cost.png",
+                                                                "sequential-mixed-curves.png"}
+    for method in ("unedited", "ft-m", "lora"):
+        assert f"| {method} | 3 |" in md
+    # the markdown holds the same numbers as metrics.json
+    assert f"| lora | 3 | {lora['edit_success']:.3f} |" in md
+    assert f"{lora['locality']:.3f}" in md
+    assert "icelora compare --config" in md  # the command that reproduces each table
+    assert "ice locality (single, mixed) >= 0.5 | no finished run | NOT MET" in md
+    assert "Llama-2-7b-chat" in md
+
+
+def test_report_marks_partial_runs_and_reads_cases(tmp_path, capsys, tiny_llama_folder, fixture_data):
+    out = tmp_path / "runs" / "mixed" / "lora"
+    assert main(["eval", "--model", str(tiny_llama_folder), "--method", "lora", "--dataset", str(fixture_data.path),
+                 "--steps", "1", "--output", str(out), "-q"]) == 0
+    capsys.readouterr()
+    (out / "metrics.json").unlink()
+    lines = (out / "cases.jsonl").read_text().splitlines()
+    (out / "cases.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    summary = read_run(out)
+    assert not summary.complete and summary.metrics["n_cases"] == 2
+    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep"), "-q"]) == 0
+    assert "| lora (partial) | 2 |" in (tmp_path / "rep" / "evaluation_report.md").read_text()
+
+
+def test_targets_compare_against_other_methods(tmp_path):
+    from icelora.evaluation.report_data import RunSummary
+
+    def run(method, **metrics):
+        return RunSummary(folder=tmp_path / "zsre" / method, run={"method": method, "protocol": "single",
+                                                                 "indices": [0]},
+                          metrics={"n_cases": 1, **metrics}, cases=[])
+
+    runs = [run("ice-lora", locality=0.8, portability=0.30), run("ft-m", locality=0.7, portability=0.31),
+            run("ice", locality=0.85, portability=0.2)]
+    path = tmp_path / "t.yaml"
+    path.write_text("""targets:
+  - {dataset: zsre, method: ice-lora, metric: locality, better_than: ft-m}
+  - {dataset: zsre, method: ice-lora, metric: locality, not_below: ice, margin: 0.02}
+  - {dataset: zsre, method: ice-lora, metric: locality, not_below: ice, margin: 0.1}
+  - {dataset: zsre, method: ice-lora, metric: portability, not_below: [ft-m, ice]}
+  - {dataset: zsre, method: ice-lora, metric: locality, at_most: 0.5}
+""")
+    assert [r.met for r in check_targets(read_targets(path), runs)] == [True, False, True, False, False]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("single: {datasets: {zsre: '0:2'}, methods: [magic]}", "unknown method(s) ['magic']"),
+    ("single: {datasets: {zsre: 5}, methods: [lora]}", "single.datasets.zsre"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora], edits_at_once: 0}", "single.edits_at_once"),
+    ("sequential: {datasets: {zsre: '0:2'}, methods: [none]}", "sequential.methods"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora], colour: red}", "unknown key(s) ['colour']"),
+    ("seed: 1", "give 'single' and/or 'sequential'"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora]}\ntargets: [{dataset: zsre, metric: x, at_least: 1}]",
+     "targets[0]"),
+])
+def test_bad_study_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidConfigError) as info:
+        read_compare_config(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_project_study_plans_the_issue_runs(tmp_path):
+    from pathlib import Path
+
+    study = read_compare_config(Path(__file__).resolve().parents[1] / "configs" / "compare.yaml")
+    jobs = plan_jobs(study, tmp_path)
+    single = {(j.dataset, j.method) for j in jobs if j.protocol == "single"}
+    assert single == {(d, m) for d in ("zsre-ice", "recent") for m in ("none", "ft-l", "ft-m", "lora", "ice",
+                                                                       "ice-lora")}
+    assert all(j.indices == "0:200" for j in jobs if j.protocol == "single")
+    sequential = [j for j in jobs if j.protocol == "sequential"]
+    assert {j.method for j in sequential} == {"ft-m", "lora", "ice-lora"}
+    assert all(j.indices == "0:100" and j.eval_every == 10 for j in sequential)
