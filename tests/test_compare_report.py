@@ -151,3 +151,25 @@ def test_project_study_plans_the_issue_runs(tmp_path):
     sequential = [j for j in jobs if j.protocol == "sequential"]
     assert {j.method for j in sequential} == {"ft-m", "lora", "ice-lora"}
     assert all(j.indices == "0:100" and j.eval_every == 10 for j in sequential)
+
+
+def test_tuning_table_lists_what_changed_and_the_differences(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tuning_table
+
+    from icelora.methods import method_config
+
+    for name, changes, locality in (("base", {}, 0.5), ("anchored", {"lambda_locality": 1.0}, 0.75)):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = method_config("ice-lora", **changes).to_dict()
+        (folder / "metrics.json").write_text(json.dumps({
+            "n_cases": 4, "edit_success": 1.0, "locality": locality, "seconds_per_edit": 3.0,
+            "run": {"method": "ice-lora", "config": config}}))
+    tuning_table.main([str(tmp_path / "base"), str(tmp_path / "anchored"), "--baseline", str(tmp_path / "base")])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| base | ice-lora | (preset) | 4 | 1.000 |" in lines[2]
+    assert "lambda_locality=1.0" in lines[3] and "0.750 (+0.250)" in lines[3]

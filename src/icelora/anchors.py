@@ -73,21 +73,34 @@ def anchor_teacher(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id:
     return AnchorTeacher(rows=rows, log_probs=log_probs)
 
 
+def anchor_rows(teacher: AnchorTeacher, chosen: list[int], owners: int) -> list[tuple[int, ...]]:
+    """The chosen anchors' token rows, one copy per owner (owner k's copy is rows k*len(chosen)...)."""
+    return [teacher.rows[j] for _ in range(owners) for j in chosen]
+
+
+def anchor_kl_from_logits(teacher: AnchorTeacher, chosen: list[int], owners: int,
+                          logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p0 || q)`` averaged over each owner's chosen anchors' positions, from the edited model's
+    logits on :func:`anchor_rows` (right-padded, one row each): [owners]."""
+    rows = anchor_rows(teacher, chosen, owners)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    terms = []
+    for r, row in enumerate(rows):
+        log_q = F.log_softmax(logits[r, : len(row) - 1].to(dtype), dim=-1)
+        log_p = teacher.log_probs[chosen[r % len(chosen)]]
+        terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    return torch.stack(terms).view(owners, len(chosen)).mean(dim=1)
+
+
 def anchor_kl(model: nn.Module, teacher: AnchorTeacher, chosen: list[int], pad_id: int, owners: int,
               forward_kwargs: dict | None = None) -> torch.Tensor:
-    """``KL(p0 || q)`` averaged over the chosen anchors' positions, once per owner: [owners].
+    """``KL(p0 || q)`` averaged over the chosen anchors' positions, once per owner: [owners], in a
+    forward pass of its own (the objectives instead add the anchor rows to their own pass).
 
     Owner k's copy of the anchors goes through the forward call with ``forward_kwargs`` routing row
     ``k * len(chosen) + j`` (independent edits route each copy to its own adapter).
     """
     device = next(model.parameters()).device
-    rows = [teacher.rows[j] for _ in range(owners) for j in chosen]
-    batch = pad_rows(rows, pad_id, device=device)
+    batch = pad_rows(anchor_rows(teacher, chosen, owners), pad_id, device=device)
     logits = model(**batch.forward_kwargs(), **(forward_kwargs or {})).logits
-    log_p_dtype = torch.promote_types(logits.dtype, torch.float32)
-    terms = []
-    for r, row in enumerate(rows):
-        log_q = F.log_softmax(logits[r, : len(row) - 1].to(log_p_dtype), dim=-1)
-        log_p = teacher.log_probs[chosen[r % len(chosen)]]
-        terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    return torch.stack(terms).view(owners, len(chosen)).mean(dim=1)
+    return anchor_kl_from_logits(teacher, chosen, owners, logits)

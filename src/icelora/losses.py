@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from icelora.anchors import AnchorTeacher, anchor_kl
+from icelora.anchors import AnchorTeacher, anchor_kl_from_logits, anchor_rows
 from icelora.config import EditConfig
 from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
@@ -147,8 +147,37 @@ def completion_mask(batch: PaddedBatch, encoded: list[PromptTarget], alive: torc
     return mask
 
 
-def _forward(model: nn.Module, batch: PaddedBatch, plan: EditPlan, owners: Sequence[int]) -> torch.Tensor:
-    return model(**batch.forward_kwargs(), **plan.route(owners)).logits
+@dataclass
+class Rider:
+    """Extra rows (the locality anchors) carried through an objective's main forward pass, so they
+    cost no pass of their own; ``logits`` is filled by that pass."""
+
+    batch: PaddedBatch
+    owners: list[int]
+    logits: torch.Tensor | None = None
+
+
+def _stack(first: PaddedBatch, second: PaddedBatch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Forward arguments of two right-padded batches as one (padded to the wider)."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    return {"input_ids": torch.cat([widen(first.input_ids, pad_id), widen(second.input_ids, pad_id)]),
+            "attention_mask": torch.cat([widen(first.attention_mask, 0), widen(second.attention_mask, 0)]),
+            "position_ids": torch.cat([widen(first.position_ids, 0), widen(second.position_ids, 0)])}
+
+
+def _forward(model: nn.Module, batch: PaddedBatch, plan: EditPlan, owners: Sequence[int],
+             rider: Rider | None = None) -> torch.Tensor:
+    """Logits of ``batch`` (each row routed to its owner's adapter); ``rider`` rows ride along."""
+    if rider is None:
+        return model(**batch.forward_kwargs(), **plan.route(owners)).logits
+    logits = model(**_stack(batch, rider.batch, plan.pad_id), **plan.route([*owners, *rider.owners])).logits
+    rows, width = batch.input_ids.shape
+    rider.logits = logits[rows:]
+    return logits[:rows, :width]
 
 
 def wrong_per_request(pred: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,24 +200,26 @@ def combine(plan: EditPlan, per_request: torch.Tensor, ft: torch.Tensor, ice: to
                      per_request=requests)
 
 
-def ft_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int) -> LossParts:
+def ft_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int, rider: Rider | None = None
+            ) -> LossParts:
     """Mean target-token cross-entropy per request, averaged over requests."""
     device = next(model.parameters()).device
     n = len(plan.encoded)
     batch = pad_rows([e.ids for e in plan.encoded], plan.pad_id, device=device)
-    logits = _forward(model, batch, plan, range(n))
+    logits = _forward(model, batch, plan, range(n), rider)
     pred, labels, rows = next_token_view(logits, batch, target_mask(batch, plan.encoded))
     nll = F.cross_entropy(pred.float(), labels, reduction="none")
     ft = per_group_mean(nll, rows, n)
     return combine(plan, ft, ft, None, wrong_per_request(pred, labels, rows, n))
 
 
-def ft_last_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int) -> LossParts:
+def ft_last_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int, rider: Rider | None = None
+                 ) -> LossParts:
     """Target tokens scored at the last prompt position: mean_j -log p(x*_j | q) (EasyEdit's FT-L)."""
     device = next(model.parameters()).device
     prompts = [e.prompt_ids for e in plan.encoded]
     batch = pad_rows(prompts, plan.pad_id, device=device)
-    logits = _forward(model, batch, plan, range(len(prompts)))
+    logits = _forward(model, batch, plan, range(len(prompts)), rider)
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)
     log_probs = F.log_softmax(logits[torch.arange(len(prompts), device=device), last].float(), dim=-1)
     ft = torch.stack([-log_probs[i, list(e.target_ids)].mean() for i, e in enumerate(plan.encoded)])
@@ -216,7 +247,7 @@ def _as_list(items: Any) -> list[Any]:
 
 
 def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
-             generators: torch.Generator | Sequence[torch.Generator]) -> LossParts:
+             generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None) -> LossParts:
     """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
 
     ``generators``: one for all rows, or (independent plans) one per request.
@@ -234,7 +265,7 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
 
     student = pad_rows(_student_rows(plan, owners, completions), plan.pad_id, device=device)
     owned = [plan.encoded[i] for i in owners]
-    logits = _forward(model, student, plan, owners)
+    logits = _forward(model, student, plan, owners, rider)
     owner_ids = torch.tensor(owners, device=device)
     n = len(plan.requests)
 
@@ -260,7 +291,7 @@ def reference_context_prefix(request: EditRequest, context: str | None, prefix: 
 
 def ice_reference_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
                        generators: torch.Generator | Sequence[torch.Generator],
-                       rngs: random.Random | Sequence[random.Random]) -> LossParts:
+                       rngs: random.Random | Sequence[random.Random], rider: Rider | None = None) -> LossParts:
     """The ICE reference loss terms, summed over positions and averaged over context rows.
 
     ``rngs`` draw the instruction prefixes: one for all rows, or (independent plans) one per request.
@@ -283,7 +314,7 @@ def ice_reference_loss(model: nn.Module, plan: EditPlan, config: EditConfig, ste
     student = pad_rows(_student_rows(plan, owners, completions), plan.pad_id, device=device)
     owned = [plan.encoded[i] for i in owners]
     ctx_logits = _forward(model, with_ctx, plan, owners)
-    logits = _forward(model, student, plan, owners)
+    logits = _forward(model, student, plan, owners, rider)
 
     ctx_pred, ctx_labels, ctx_rows = next_token_view(ctx_logits, with_ctx, target_mask(with_ctx, context_rows))
     pred, labels, rows = next_token_view(logits, student, target_mask(student, owned))
@@ -348,26 +379,29 @@ class Objective:
                 raise ValueError("only an independent plan can run a subset of its requests")
             plan = plan.subset(active)
             generators, rngs = [generators[i] for i in active], [rngs[i] for i in active]
-        parts = self.objective_parts(model, plan, step, generators, rngs)
         if not self.config.lambda_locality:
-            return parts
+            return self.objective_parts(model, plan, step, generators, rngs, None)
+        # the anchors ride along in the objective's main pass: one copy per independent edit
         owners = len(plan.requests) if plan.independent else 1
         chosen = self.anchors.choose(self.config.locality_anchors, self.config.seed, step)
-        route = plan.route([k for k in range(owners) for _ in chosen])
-        kl = anchor_kl(model, self.anchors, chosen, plan.pad_id, owners, route)
+        device = next(model.parameters()).device
+        rider = Rider(batch=pad_rows(anchor_rows(self.anchors, chosen, owners), plan.pad_id, device=device),
+                      owners=[k for k in range(owners) for _ in chosen])
+        parts = self.objective_parts(model, plan, step, generators, rngs, rider)
+        kl = anchor_kl_from_logits(self.anchors, chosen, owners, rider.logits)
         return with_locality(parts, plan, kl, self.config.lambda_locality)
 
     def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],
-                        rngs: list[random.Random]) -> LossParts:
+                        rngs: list[random.Random], rider: Rider | None) -> LossParts:
         name = self.config.objective
         if name == "ft":
-            return ft_loss(model, plan, self.config, step)
+            return ft_loss(model, plan, self.config, step, rider)
         if name == "ft-last":
-            return ft_last_loss(model, plan, self.config, step)
+            return ft_last_loss(model, plan, self.config, step, rider)
         if name == "ice":
-            return ice_loss(model, plan, self.config, step, generators)
+            return ice_loss(model, plan, self.config, step, generators, rider)
         if name == "ice-reference":
-            return ice_reference_loss(model, plan, self.config, step, generators, rngs)
+            return ice_reference_loss(model, plan, self.config, step, generators, rngs, rider)
         raise ValueError(f"unknown objective {name!r}")
 
 
