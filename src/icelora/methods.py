@@ -23,9 +23,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     # ICE as published: the reference objective on full MLP output matrices with the clamp.
     "ice": dict(objective="ice-reference", parameterization="full", target_modules=["mlp_out"],
                 learning_rate=7e-4, max_steps=25, clamp=5e-4, temperature=100.0, completion_length=3),
-    # ICE-LoRA: the clean ICE objective trained into LoRA adapters, with early stopping.
+    # ICE-LoRA: the clean ICE objective trained into LoRA adapters on the MLP projections, with early
+    # stopping (chosen on validation records: reports/tuning.md).
     "ice-lora": dict(objective="ice", parameterization="lora", learning_rate=2e-3, max_steps=25,
-                     lambda_ice=1.0, early_stopping=True),
+                     lambda_ice=1.0, target_modules=["mlp_in", "mlp_out"], early_stopping=True),
 }
 
 METHODS = tuple(METHOD_PRESETS)
