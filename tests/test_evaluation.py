@@ -146,3 +146,19 @@ def test_sequential_keeps_earlier_edits_and_resumes(tmp_path, fixture_data):
     assert [c["n_edits"] for c in curve] == [2, 3]
     again = run_sequential(make(), fixture_data, tmp_path / "seq", seed=0, resume=True, eval_every=2)
     assert {k: again[k] for k in STABLE_KEYS} == {k: metrics[k] for k in STABLE_KEYS}
+
+
+def test_a_run_from_before_a_config_key_existed_resumes(tmp_path):
+    import json
+
+    from icelora.config import EditConfig
+    from icelora.evaluation.runner import BenchmarkRun, RunFolderError
+
+    config = EditConfig().to_dict()
+    run = {"method": "ice-lora", "config": config, "indices": [0, 1]}
+    older = {**run, "config": {k: v for k, v in config.items() if k not in ("lambda_locality", "locality_anchors")}}
+    (tmp_path / "run.json").write_text(json.dumps(older))
+    BenchmarkRun(tmp_path, run, resume=True)  # the missing keys were at their defaults: same run
+    changed = {**run, "config": {**config, "lambda_locality": 1.0}}
+    with pytest.raises(RunFolderError, match="config"):
+        BenchmarkRun(tmp_path, changed, resume=True)

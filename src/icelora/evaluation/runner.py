@@ -10,6 +10,7 @@ Locality and PPL_r always use the original model (``ICELoRAEditor.unedited``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icelora import __version__
+from icelora.config import EditConfig
 from icelora.data_utils.dataset import BenchmarkRecord, LoadedDataset
 from icelora.errors import IceloraError
 from icelora.evaluation.metrics import (
@@ -252,6 +254,17 @@ def read_cases(path: Path) -> list[dict[str, Any]]:
     return cases
 
 
+def with_new_config_keys(run: dict[str, Any]) -> dict[str, Any]:
+    """A ``run`` object from an older icelora, its ``config`` completed with the keys added since,
+    at their defaults (which keep the older behaviour), so that such a run can be resumed."""
+    config = run.get("config")
+    if not isinstance(config, dict):
+        return run
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(EditConfig)}
+    return {**run, "config": {**{k: v for k, v in defaults.items() if k not in config}, **config}}
+
+
 class BenchmarkRun:
     """An output folder: ``run.json`` (what was asked), ``cases.jsonl`` (appended), ``metrics.json``."""
 
@@ -266,7 +279,7 @@ class BenchmarkRun:
                 raise RunFolderError(f"{folder} already holds a run; pass --resume to continue it, "
                                      "or choose another --output")
             if run_path.exists():
-                previous = json.loads(run_path.read_text())
+                previous = with_new_config_keys(json.loads(run_path.read_text()))
                 stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
                 before = {k: v for k, v in previous.items() if k not in VOLATILE_RUN_KEYS}
                 if stable != before:
