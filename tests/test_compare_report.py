@@ -120,6 +120,16 @@ def test_targets_compare_against_other_methods(tmp_path):
 """)
     assert [r.met for r in check_targets(read_targets(path), runs)] == [True, False, True, False, False]
 
+    # a side run of the same method is not the study's run; an unfinished run is shown, never met
+    side = run("ice-lora", locality=0.99)
+    side.folder = tmp_path / "zsre" / "ice-lora-old"
+    partial = run("ice-lora", locality=0.6)
+    partial.complete = False
+    result = check_targets(read_targets(path), [side, partial, *runs[1:]])[0]
+    assert not result.met and result.measured.startswith("0.600 so far (partial run, 1 cases)")
+    only_side = check_targets(read_targets(path), [side])[0]
+    assert only_side.measured == "no finished run" and not only_side.met
+
 
 @pytest.mark.parametrize("text, message", [
     ("single: {datasets: {zsre: '0:2'}, methods: [magic]}", "unknown method(s) ['magic']"),

@@ -88,12 +88,29 @@ def read_targets(path: str | Path) -> list[Target]:
     return targets
 
 
-def _metric(runs: list[RunSummary], protocol: str, dataset: str, method: str, metric: str) -> float | None:
+def _find(runs: list[RunSummary], protocol: str, dataset: str, method: str) -> RunSummary | None:
+    """The study's run of ``method``: its folder is named after the method (``runs/zsre-ice/ice-lora``),
+    so a side run of the same method (``ice-lora-before-tuning``) is not taken for it."""
     for run in runs:
-        if run.protocol == protocol and run.dataset == dataset and run.method == method and run.complete:
-            value = run.metrics.get(metric)
-            return float(value) if isinstance(value, (int, float)) else None
+        if run.protocol == protocol and run.dataset == dataset and run.method == method and run.label == method:
+            return run
     return None
+
+
+def _metric(runs: list[RunSummary], protocol: str, dataset: str, method: str, metric: str) -> float | None:
+    run = _find(runs, protocol, dataset, method)
+    if run is None or not run.complete:
+        return None
+    value = run.metrics.get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _unfinished(runs: list[RunSummary], t: Target) -> str:
+    run = _find(runs, t.protocol, t.dataset, t.method)
+    value = None if run is None else run.metrics.get(t.metric)
+    if run is None or not isinstance(value, (int, float)):
+        return "no finished run"
+    return f"{value:.3f} so far (partial run, {run.metrics.get('n_cases')} cases); no finished run"
 
 
 def check_targets(targets: list[Target], runs: list[RunSummary]) -> list[TargetResult]:
@@ -102,7 +119,7 @@ def check_targets(targets: list[Target], runs: list[RunSummary]) -> list[TargetR
     for t in targets:
         value = _metric(runs, t.protocol, t.dataset, t.method, t.metric)
         if value is None:
-            results.append(TargetResult(t.description, "no finished run", False))
+            results.append(TargetResult(t.description, _unfinished(runs, t), False))
             continue
         if t.test == "at_least":
             results.append(TargetResult(t.description, f"{value:.3f}", value >= t.value))
