@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from icelora import EditConfig, ICELoRAEditor
-from icelora.anchors import ANCHOR_TEXTS, anchor_kl, anchor_teacher
+from icelora.anchors import ANCHOR_TEXTS, AnchorTeacher, anchor_kl_from_logits, anchor_rows, anchor_teacher
 from icelora.losses import Objective, build_plan
 from icelora.request import EditRequest
+from icelora.tokenization import pad_rows
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome",
                       contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower."))
+
+
+def anchor_kl(model: nn.Module, teacher: AnchorTeacher, chosen: list[int], pad_id: int, owners: int,
+              forward_kwargs: dict | None = None) -> torch.Tensor:
+    """Reference: ``KL(p0 || q)`` per owner in a forward pass of its own (the objectives instead
+    add the anchor rows to their main pass).
+
+    Owner k's copy of the anchors goes through the forward call with ``forward_kwargs`` routing row
+    ``k * len(chosen) + j`` (independent edits route each copy to its own adapter).
+    """
+    device = next(model.parameters()).device
+    batch = pad_rows(anchor_rows(teacher, chosen, owners), pad_id, device=device)
+    logits = model(**batch.forward_kwargs(), **(forward_kwargs or {})).logits
+    return anchor_kl_from_logits(teacher, chosen, owners, logits)
 
 
 def test_anchor_kl_is_zero_before_the_edit_and_grows_after(tiny):

@@ -90,17 +90,3 @@ def anchor_kl_from_logits(teacher: AnchorTeacher, chosen: list[int], owners: int
         log_p = teacher.log_probs[chosen[r % len(chosen)]]
         terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
     return torch.stack(terms).view(owners, len(chosen)).mean(dim=1)
-
-
-def anchor_kl(model: nn.Module, teacher: AnchorTeacher, chosen: list[int], pad_id: int, owners: int,
-              forward_kwargs: dict | None = None) -> torch.Tensor:
-    """``KL(p0 || q)`` averaged over the chosen anchors' positions, once per owner: [owners], in a
-    forward pass of its own (the objectives instead add the anchor rows to their own pass).
-
-    Owner k's copy of the anchors goes through the forward call with ``forward_kwargs`` routing row
-    ``k * len(chosen) + j`` (independent edits route each copy to its own adapter).
-    """
-    device = next(model.parameters()).device
-    batch = pad_rows(anchor_rows(teacher, chosen, owners), pad_id, device=device)
-    logits = model(**batch.forward_kwargs(), **(forward_kwargs or {})).logits
-    return anchor_kl_from_logits(teacher, chosen, owners, logits)

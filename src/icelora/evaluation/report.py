@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from icelora.evaluation.published import PUBLISHED_ICE_LLAMA2
+from icelora.evaluation.published import PUBLISHED_KNOWEDIT_LLAMA2
 from icelora.evaluation.report_data import (
     COST_COLUMNS,
     MAIN_COLUMNS,
@@ -214,12 +214,12 @@ def targets_section(writer: ReportWriter, targets: list[Target], runs: list[RunS
 
 
 def published_section(writer: ReportWriter) -> None:
-    published = PUBLISHED_ICE_LLAMA2
+    published = PUBLISHED_KNOWEDIT_LLAMA2
     writer.text("## Published numbers (another model)", published["note"])
     header = ["data set", "method", *published["columns"]]
     rows = [[d, m, *values] for d, m, values in published["rows"]]
     writer.text(markdown_table(header, rows))
-    writer.pages.append(table_figure("Published (ICE paper, Llama-2-7B-chat; not this model)", header, rows,
+    writer.pages.append(table_figure("Published (KnowEdit, Llama-2-7b-chat; not this model)", header, rows,
                                      published["source"]))
 
 

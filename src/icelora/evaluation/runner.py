@@ -422,7 +422,7 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
         editor.params.load(state)
         editor.ledger = [r.request for r in dataset.records if r.index in {e["index"] for e in edits}]
     baselines = BaselineStore(output / "baselines.jsonl")
-    with editor.unedited():
+    with editor.unedited():  # all at once, in batches, before the evaluations need them
         baselines.fill(editor, dataset.records, seed)
     curve_done = {c["n_edits"] for c in read_cases(curve_path)}
     done = {e["index"] for e in edits}
@@ -456,8 +456,9 @@ def evaluate_fixed(editor: ICELoRAEditor, records: list[BenchmarkRecord], baseli
                    desc: str = "eval", batch_size: int = 16) -> list[dict[str, Any]]:
     """Evaluate the model as it is, without editing, against the unedited model's stored baselines
     (computed here for records that have none), ``batch_size`` records per forward pass."""
-    with editor.unedited():
-        baselines.fill(editor, records, seed)
+    if any(r.index not in baselines.items for r in records):
+        with editor.unedited():
+            baselines.fill(editor, records, seed)
     cases = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, file=sys.stderr, disable=not records or None):
         chunk = records[start: start + batch_size]
