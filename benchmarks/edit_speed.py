@@ -5,12 +5,16 @@ run. Each request carries 5 context sentences, so the ICE objectives of all meth
 contexts.
 
     python benchmarks/edit_speed.py --model smollm2-135m --edits 5 --json OUT.json
-    python benchmarks/edit_speed.py --shape gpt2-xl --device cuda --dtype bfloat16 --edits-at-once 8
+    python benchmarks/edit_speed.py --shape gpt2-xl --device cuda --dtype bfloat16 --edits 8 --edits-at-once 8
 
 ``--shape`` builds a randomly initialised model of a published shape from its config (timing needs
 no trained weights; the completion length is fixed, so every step does the same work).
 ``--edits-at-once K`` adds a row per LoRA method where K edits train together, each in its own
-adapter; its seconds per edit are the joint time over K.
+adapter; its seconds per edit are the joint time over K. ``--dtype`` is the dtype of the weights
+(LoRA adapters stay in float32); ``--autocast bfloat16`` runs the passes under ``torch.autocast``.
+
+On CUDA the table also counts the host-device synchronisations per step, on an untimed edit with
+torch's sync debug mode on, and names the lines they come from in the JSON.
 
 The floor: the floating-point operations of one editing step, counted by torch's
 ``FlopCounterMode`` on a separate, untimed edit, times the steps each edit took, over the rate this
@@ -28,19 +32,36 @@ import statistics
 import sys
 import threading
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from icelora import ICELoRAEditor, load_model
 from icelora.data_utils.templates import template_contexts
 from icelora.errors import IceloraError
 from icelora.methods import METHODS, method_config
-from icelora.models import EMBEDDED_MODEL, LoadedModel, resolve_device, resolve_dtype
+from icelora.models import (
+    EMBEDDED_MODEL,
+    LoadedModel,
+    embedded_model_folder,
+    prepare_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from icelora.request import EditRequest
 
 log = logging.getLogger("edit_speed")
@@ -63,6 +84,10 @@ EDITS = (
 #: Published model shapes, built with random weights. Their tokenizer is the embedded model's
 #: (its ids fit every vocabulary here).
 SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
+    "smollm2-135m": lambda: LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                        max_position_embeddings=8192, rope_theta=100000.0,
+                                        tie_word_embeddings=True, rms_norm_eps=1e-5),
     "gpt2-medium": lambda: GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257),
     "gpt2-xl": lambda: GPT2Config(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257),
     "llama-1b": lambda: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -71,23 +96,35 @@ SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
-def random_model(shape: str, device: str | None, dtype: str | None) -> LoadedModel:
-    """A randomly initialised model of ``shape`` (seeded), with the embedded model's tokenizer."""
+def load_tokenizer(folder: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``folder``, or the embedded model's."""
+    path = Path(folder) if folder else embedded_model_folder()
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    except OSError as exc:
+        raise IceloraError(f"no tokenizer in {path}: {str(exc).splitlines()[0]}") from None
+
+
+def random_model(shape: str, device: str | None, dtype: str | None,
+                 tokenizer: PreTrainedTokenizerBase) -> LoadedModel:
+    """A randomly initialised model of ``shape`` (seeded), built directly on the target device."""
     if shape not in SHAPES:
         raise IceloraError(f"unknown shape {shape!r}; choose from {list(SHAPES)}")
-    tokenizer = load_model(EMBEDDED_MODEL, device="cpu").tokenizer
     config = SHAPES[shape]()
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     target = resolve_device(device)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []), target:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, target))
-    return LoadedModel(model=model.to(target).eval(), tokenizer=tokenizer, name=f"random {shape}")
+    model.requires_grad_(False)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=f"random {shape}")
 
 
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """The rate at which this machine multiplies two ``size`` x ``size`` matrices (best of ``repeats``)."""
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The rate at which this machine multiplies two large square matrices (best of ``repeats``):
+    2048 on a CPU, 8192 on a GPU."""
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
@@ -153,20 +190,54 @@ def flops_per_step(editor: ICELoRAEditor, request: EditRequest) -> float:
     """Floating-point operations of one editing step (forward, backward, sampling), counted on an
     untimed edit of ``request``; the model is reverted afterwards."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    # the math attention kernel is counted as plain matrix products (the counter's formula for the
+    # fused kernels refuses grouped-query shapes)
+    with counter, sdpa_kernel(SDPBackend.MATH):
         result = editor.edit(request, progress=False)
     editor.revert()
     return counter.get_total_flops() / result.steps
 
 
+def syncs_per_step(editor: ICELoRAEditor, request: EditRequest) -> tuple[float, dict[str, int]]:
+    """Host-device synchronisations per step of an untimed CUDA edit of ``request`` (torch's sync
+    debug mode), and the source lines they come from."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = editor.edit(request, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    editor.revert()
+    sources = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                      if "synchronizing" in str(w.message))
+    return sum(sources.values()) / result.steps, dict(sources.most_common(12))
+
+
+def warm_up(editor: ICELoRAEditor, requests: list[EditRequest], at_once: int) -> None:
+    """One untimed pass over the timed work, so that first-call costs (kernel selection for each
+    new shape, allocator growth) stay out of the numbers."""
+    if at_once == 1:
+        for request in requests:
+            editor.edit(request, progress=False)
+            editor.revert()
+    else:
+        with editor.edit_each(requests[:at_once], progress=False):
+            pass
+
+
 def time_method(make: Callable[[], LoadedModel], method: str, requests: list[EditRequest], at_once: int,
-                matmul_rate: float) -> dict:
+                matmul_rate: float, overrides: dict, warmup: bool = False) -> dict:
     """Edit each request from the unedited model with ``method`` (``at_once`` of them together,
     each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor."""
-    editor = ICELoRAEditor(make(), method=method)
-    per_step = flops_per_step(editor, requests[0])
+    editor = ICELoRAEditor(make(), method=method, **overrides)
+    device = next(editor.model.parameters()).device
+    per_step = flops_per_step(editor, requests[0])  # also the warm-up
+    syncs = syncs_per_step(editor, requests[0]) if device.type == "cuda" else None
+    if warmup:
+        warm_up(editor, requests, at_once)
     seconds, steps = [], []
-    with PeakMemory(next(editor.model.parameters()).device) as memory:
+    with PeakMemory(device) as memory:
         if at_once == 1:
             for request in requests:
                 result = editor.edit(request, progress=False)
@@ -182,14 +253,17 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
                 log.info("%s x%d: %.2f s for %d edits", method, at_once, edits.seconds, len(edits.results))
     trainable, _ = editor.parameter_counts()
     floors = [per_step * n / matmul_rate for n in steps]
-    return {"method": method if at_once == 1 else f"{method} x{at_once}", "edits_at_once": at_once,
-            "median_seconds_per_edit": statistics.median(seconds),
-            "min_seconds_per_edit": min(seconds), "max_seconds_per_edit": max(seconds),
-            "median_steps": statistics.median(steps), "peak_memory_mb": round(memory.mb, 1),
-            "trainable_params": trainable, "flops_per_step": per_step,
-            "median_floor_seconds": statistics.median(floors),
-            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
-            "seconds_per_edit": seconds, "steps": steps}
+    row = {"method": method if at_once == 1 else f"{method} x{at_once}", "edits_at_once": at_once,
+           "median_seconds_per_edit": statistics.median(seconds),
+           "min_seconds_per_edit": min(seconds), "max_seconds_per_edit": max(seconds),
+           "median_steps": statistics.median(steps), "peak_memory_mb": round(memory.mb, 1),
+           "trainable_params": trainable, "flops_per_step": per_step,
+           "median_floor_seconds": statistics.median(floors),
+           "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
+           "seconds_per_edit": seconds, "steps": steps, "warmup": warmup, **overrides}
+    if syncs is not None:
+        row["syncs_per_step"], row["sync_sources"] = round(syncs[0], 1), syncs[1]
+    return row
 
 
 #: Whether each method trains LoRA adapters (only those can train several edits at once).
@@ -209,6 +283,14 @@ def device_name(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's median seconds per edit over ``ice``'s (when ``ice`` has a row)."""
+    ice = next((r for r in rows if r["method"] == "ice" and "error" not in r), None)
+    for row in rows:
+        if "error" not in row and ice:
+            row["ratio_to_ice"] = round(row["median_seconds_per_edit"] / ice["median_seconds_per_edit"], 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or folder (trained weights)")
@@ -218,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edits-at-once", type=int, default=1,
                         help="also time each LoRA method with K edits trained together (K > 1)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default=None, help="dtype of the weights (float32, bfloat16)")
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                        help="run each step's passes under torch.autocast in this dtype")
+    parser.add_argument("--warmup", action="store_true",
+                        help="one untimed pass over the same edits before timing them")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --shape: a folder holding the tokenizer (default: the embedded model's)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
@@ -232,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.edits_at_once < 1:
             raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
         requests = benchmark_requests(args.edits)
+        tokenizer = load_tokenizer(args.tokenizer) if args.shape else None
+        overrides = {"autocast_dtype": args.autocast} if args.autocast else {}
 
         def make() -> LoadedModel:
             if args.shape:
-                return random_model(args.shape, args.device, args.dtype)
+                return random_model(args.shape, args.device, args.dtype, tokenizer)
             return load_model(args.model, device=args.device, dtype=args.dtype)
 
         probe = make().model
@@ -243,34 +333,34 @@ def main(argv: list[str] | None = None) -> int:
         del probe
         rate = matmul_flops_per_second(device, dtype)
         log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rate / 1e9, device, dtype)
-        plan = [(m, 1) for m in methods]
-        if args.edits_at_once > 1:
-            plan += [(m, args.edits_at_once) for m in methods if METHOD_IS_LORA[m]]
-        rows = []
+        plan = [(m, k) for m in methods for k in sorted({1, args.edits_at_once}) if k == 1 or METHOD_IS_LORA[m]]
+        report = {"methods": [], "model": f"random {args.shape}" if args.shape else args.model,
+                  "device": str(device), "device_name": device_name(device),
+                  "dtype": str(dtype).removeprefix("torch."), "autocast": args.autocast, "edits": args.edits,
+                  "matmul_gflops": round(rate / 1e9, 1), "torch_threads": torch.get_num_threads(),
+                  "command": " ".join(sys.argv)}
         for method, at_once in plan:
             try:
-                rows.append(time_method(make, method, requests, at_once, rate))
+                report["methods"].append(time_method(make, method, requests, at_once, rate, overrides,
+                                                      args.warmup))
             except torch.OutOfMemoryError as exc:
                 label = method if at_once == 1 else f"{method} x{at_once}"
-                rows.append({"method": label, "error": f"out of memory: {str(exc).splitlines()[0]}"})
+                report["methods"].append({"method": label, "error": f"out of memory: {str(exc).splitlines()[0]}"})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            add_ratios(report["methods"])
+            if args.json:  # after every row, so that a run cut short keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     except IceloraError as exc:
         print(f"edit_speed: error: {exc}", file=sys.stderr)
         return 2
-    ice = next((r for r in rows if r["method"] == "ice" and "error" not in r), None)
-    for row in rows:
-        if "error" not in row and ice:
-            row["ratio_to_ice"] = round(row["median_seconds_per_edit"] / ice["median_seconds_per_edit"], 3)
-    report = {"methods": rows, "model": f"random {args.shape}" if args.shape else args.model,
-              "device": str(device), "device_name": device_name(device),
-              "dtype": str(dtype).removeprefix("torch."), "edits": args.edits,
-              "matmul_gflops": round(rate / 1e9, 1), "torch_threads": torch.get_num_threads(),
-              "command": " ".join(sys.argv)}
-    print(f"{report['model']} on {report['device_name']} ({report['dtype']}), "
+    rows = report["methods"]
+    autocast = f", autocast {args.autocast}" if args.autocast else ""
+    print(f"{report['model']} on {report['device_name']} ({report['dtype']}{autocast}), "
           f"matrix multiply {report['matmul_gflops']} GFLOP/s")
     print(f"{'method':<14}{'median s/edit':>14}{'min':>8}{'max':>8}{'steps':>7}{'peak MB':>10}"
-          f"{'trainable':>12}{'vs ice':>8}{'x floor':>9}")
+          f"{'trainable':>12}{'vs ice':>8}{'x floor':>9}{'syncs/step':>11}")
     for row in rows:
         if "error" in row:
             print(f"{row['method']:<14}  {row['error']}")
@@ -278,10 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{row['ratio_to_ice']:.2f}" if "ratio_to_ice" in row else "-"
         print(f"{row['method']:<14}{row['median_seconds_per_edit']:>14.2f}{row['min_seconds_per_edit']:>8.2f}"
               f"{row['max_seconds_per_edit']:>8.2f}{row['median_steps']:>7.0f}{row['peak_memory_mb']:>10.0f}"
-              f"{row['trainable_params']:>12,}{ratio:>8}{row['x_floor']:>9.1f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+              f"{row['trainable_params']:>12,}{ratio:>8}{row['x_floor']:>9.1f}{row.get('syncs_per_step', '-'):>11}")
     return 0
 
 

@@ -183,3 +183,15 @@ def test_tuning_table_lists_what_changed_and_the_differences(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "| base | ice-lora | (preset) | 4 | 1.000 |" in lines[2]
     assert "lambda_locality=1.0" in lines[3] and "0.750 (+0.250)" in lines[3]
+
+
+def test_compare_runs_only_the_chosen_dataset_and_protocol(tmp_path, capsys, tiny_llama_folder, fixture_data):
+    study = write_study(tmp_path, tiny_llama_folder, fixture_data.path)
+    out = tmp_path / "runs"
+    assert main(["compare", "--config", study, "--output", str(out), "--only", "lora", "--dataset", "mixed",
+                 "--protocol", "sequential", "-q"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["protocol"], r["method"]) for r in rows] == [("sequential", "lora")]
+    assert not (out / "mixed").exists() and (out / "sequential-mixed" / "lora" / "metrics.json").exists()
+    assert main(["compare", "--config", study, "--output", str(out), "--dataset", "zsre-ice", "-q"]) == 2
+    assert "the study has no dataset ['zsre-ice']; it has ['mixed']" in capsys.readouterr().err

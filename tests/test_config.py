@@ -68,3 +68,9 @@ def test_config_file_errors_name_the_file_and_key(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(InvalidConfigError, match="must be a mapping"):
         read_config_file(tmp_path / "list.yaml")
+
+
+def test_autocast_dtype_is_checked():
+    assert EditConfig(autocast_dtype="bfloat16").autocast_dtype == "bfloat16"
+    with pytest.raises(InvalidConfigError, match="autocast_dtype"):
+        EditConfig(autocast_dtype="int8")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import edit_speed
@@ -39,3 +40,29 @@ def test_table_and_json(tiny_llama_folder, tmp_path, capsys):
 def test_bad_input(capsys, argv, message):
     assert edit_speed.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_random_shape_with_autocast(tiny_llama_folder, tmp_path, monkeypatch):
+    """A shape built from a config with random weights, its tokenizer from a folder, the passes
+    under bfloat16 autocast: the rows say so, and the model built is the shape asked for."""
+    from transformers import LlamaConfig
+
+    monkeypatch.setitem(edit_speed.SHAPES, "tiny", lambda: LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=128))
+    tokenizer = edit_speed.load_tokenizer(str(tiny_llama_folder))
+    built = edit_speed.random_model("tiny", "cpu", None, tokenizer).model
+    assert built.config.num_hidden_layers == 4 and not any(p.requires_grad for p in built.parameters())
+    again = edit_speed.random_model("tiny", "cpu", None, tokenizer).model
+    assert all(torch.equal(a, b) for a, b in zip(built.parameters(), again.parameters()))  # seeded
+    out = tmp_path / "speed.json"
+    assert edit_speed.main(["--shape", "tiny", "--tokenizer", str(tiny_llama_folder), "--methods", "ice-lora",
+                            "--edits", "1", "--autocast", "bfloat16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == "random tiny" and report["autocast"] == "bfloat16"
+    assert report["methods"][0]["autocast_dtype"] == "bfloat16"
+
+
+def test_a_missing_tokenizer_folder_is_named(tmp_path, capsys):
+    assert edit_speed.main(["--shape", "gpt2-medium", "--tokenizer", str(tmp_path / "nowhere")]) == 2
+    assert "no tokenizer in" in capsys.readouterr().err

@@ -77,8 +77,7 @@ def test_loop_drops_a_stopped_edit_and_leaves_its_tensors_alone():
         losses = [(weights[k] ** 2).sum() for k in active]
         requests = [RequestLoss(loss=float(v.detach()), ft=0.5, ice=0.0, learned=k == 0)
                     for k, v in zip(active, losses)]
-        return LossParts(loss=torch.stack(losses).sum(), ft=0.5, ice=0.0, target_learned=False,
-                         per_request=requests)
+        return LossParts.of(torch.stack(losses).sum(), requests)
 
     class NoParams:
         def training(self, on):

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", required=True, help="study YAML, e.g. configs/compare.yaml")
     compare.add_argument("--output", required=True, help="root folder of the run folders, e.g. reports/runs")
     compare.add_argument("--only", action="append", default=None, help="run just this method (repeatable)")
+    compare.add_argument("--dataset", action="append", default=None,
+                         help="run just this data set of the study (repeatable)")
+    compare.add_argument("--protocol", action="append", default=None, choices=["single", "sequential"],
+                         help="run just this protocol (repeatable)")
     compare.add_argument("--list", action="store_true", help="print the planned runs and exit")
     compare.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
 
@@ -215,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{job.protocol:10s} {job.dataset:12s} {job.indices:10s} {job.method:9s} {job.folder}")
             else:
                 line = " ".join(["icelora", *(argv if argv is not None else sys.argv[1:])])
-                print(json.dumps(run_compare(study, Path(args.output), args.only, command=line), indent=2))
+                print(json.dumps(run_compare(study, Path(args.output), args.only, command=line,
+                                             datasets=args.dataset, protocols=args.protocol), indent=2))
         elif args.command == "report":
             from icelora.evaluation.report import write_report
 

@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from icelora.architecture import MODULE_ROLES
 from icelora.errors import InvalidConfigError
 
 OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
 PARAMETERIZATIONS = ("lora", "full")
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -29,6 +32,8 @@ class EditConfig:
         self-induced completions ``x_c`` from the context-conditioned model.
     lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many unrelated
         anchor texts per step (:mod:`icelora.anchors`); 0 turns it off.
+    autocast_dtype: run each step's passes under ``torch.autocast`` in this dtype (``bfloat16`` or
+        ``float16``), the trained tensors staying in their own dtype; ``None``: no autocast.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
         ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).
@@ -53,6 +58,7 @@ class EditConfig:
     context_template: str = "{context} {prompt}"
     lambda_locality: float = 0.0
     locality_anchors: int = 4
+    autocast_dtype: str | None = None
     early_stopping: bool = False
     early_stop_patience: int = 2
     early_stop_tolerance: float = 0.05
@@ -101,6 +107,9 @@ class EditConfig:
             raise InvalidConfigError(
                 f"target_modules {self.target_modules!r} must be a non-empty subset of {list(MODULE_ROLES)}"
             )
+        if self.autocast_dtype not in AUTOCAST_DTYPES:
+            raise InvalidConfigError(
+                f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")
         if "{context}" not in self.context_template or "{prompt}" not in self.context_template:
             raise InvalidConfigError("context_template must contain {context} and {prompt}")
 

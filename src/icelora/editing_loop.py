@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from icelora.config import EditConfig
+from icelora.config import AUTOCAST_DTYPES, EditConfig
 from icelora.losses import LossParts
 from icelora.parameterization import Parameterization
 
@@ -52,6 +53,14 @@ def should_stop(history: list[StepRecord], config: EditConfig) -> bool:
     return all(abs(b.ft - a.ft) <= config.early_stop_tolerance for a, b in itertools.pairwise(recent))
 
 
+def autocast(model: nn.Module, config: EditConfig) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on the model's device in ``config.autocast_dtype`` (or nothing)."""
+    dtype = AUTOCAST_DTYPES[config.autocast_dtype]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def make_optimizer(params: Parameterization | list[torch.Tensor], config: EditConfig) -> torch.optim.Optimizer:
     """Adam over the trainable tensors (the ICE reference code's optimizer)."""
     tensors = params if isinstance(params, list) else params.trainable_parameters()
@@ -72,11 +81,13 @@ def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callabl
     params.training(True)
     try:
         for step in bar:
-            parts = objective(model, step)
+            with autocast(model, config):
+                parts = objective(model, step)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             optimizer.step()
             params.after_step()
+            # the step's numbers are read only now, after its update is queued on the device
             history.append(StepRecord(step, parts.loss.item(), parts.ft, parts.ice, parts.target_learned))
             bar.set_postfix(loss=f"{history[-1].loss:.3f}")
             log.debug("step %d loss %.4f ft %.4f ice %.4f learned %s", step, history[-1].loss,
@@ -110,7 +121,8 @@ def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensor
     params.training(True)
     try:
         for step in bar:
-            parts = objective(model, step, active)
+            with autocast(model, config):
+                parts = objective(model, step, active)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             optimizer.step()

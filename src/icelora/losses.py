@@ -17,7 +17,7 @@ own generator.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,8 +30,17 @@ from icelora.anchors import AnchorTeacher, anchor_kl_from_logits, anchor_rows
 from icelora.config import EditConfig
 from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
-from icelora.sampling import Completions, sample_completions
-from icelora.tokenization import PaddedBatch, PromptTarget, encode_prompt_target, next_token_view, pad_rows
+from icelora.sampling import Completions, group_rows, sample_completions, sample_from_batch
+from icelora.tokenization import (
+    PaddedBatch,
+    PromptTarget,
+    TokenIndex,
+    encode_prompt_target,
+    next_token_view,
+    pad_rows,
+    span_index,
+    to_device,
+)
 
 #: Instruction prefixes the ICE reference code draws from for every context row.
 REFERENCE_PREFIXES = (
@@ -52,16 +61,46 @@ class RequestLoss:
     learned: bool
 
 
-@dataclass
 class LossParts:
-    """One step's loss and its parts. ``target_learned``: greedy teacher-forced target is right
-    (for every request); ``per_request``: the same numbers for each request of the plan."""
+    """One step's loss and its parts, per request of the plan.
 
-    loss: torch.Tensor
-    ft: float
-    ice: float
-    target_learned: bool
-    per_request: list[RequestLoss] = field(default_factory=list)
+    ``numbers`` [4, n] stays on the device (target cross-entropy, ICE term, loss and the number of
+    target tokens predicted wrong, for each request); it is read on the host once, the first time a
+    reported number is asked for, which the editing loop does after the step's update is queued.
+    ``target_learned``: the greedy teacher-forced target is right for every request.
+    """
+
+    def __init__(self, loss: torch.Tensor, numbers: torch.Tensor) -> None:
+        self.loss = loss
+        self.numbers = numbers.detach()
+        self._requests: list[RequestLoss] | None = None
+
+    @classmethod
+    def of(cls, loss: torch.Tensor, requests: Sequence[RequestLoss]) -> LossParts:
+        """Parts from per-request numbers known on the host (for objectives written by hand)."""
+        numbers = torch.tensor([[r.ft for r in requests], [r.ice for r in requests], [r.loss for r in requests],
+                                [0.0 if r.learned else 1.0 for r in requests]], dtype=torch.float64)
+        return cls(loss, numbers)
+
+    @property
+    def per_request(self) -> list[RequestLoss]:
+        if self._requests is None:
+            ft, ice, total, wrong = self.numbers.tolist()
+            self._requests = [RequestLoss(loss=t, ft=f, ice=i, learned=w == 0)
+                              for f, i, t, w in zip(ft, ice, total, wrong)]
+        return self._requests
+
+    @property
+    def ft(self) -> float:
+        return sum(r.ft for r in self.per_request) / len(self.per_request)
+
+    @property
+    def ice(self) -> float:
+        return sum(r.ice for r in self.per_request) / len(self.per_request)
+
+    @property
+    def target_learned(self) -> bool:
+        return all(r.learned for r in self.per_request)
 
 
 @dataclass
@@ -77,6 +116,7 @@ class EditPlan:
     independent: bool = False
     adapter_names: list[str] | None = None
     _cache: dict[tuple[str, str], PromptTarget] = field(default_factory=dict)
+    _layouts: dict[tuple, Any] = field(default_factory=dict)
 
     def encode(self, prefix: str, target: str) -> PromptTarget:
         """``encode_prompt_target`` with a cache (the reference objective re-encodes rows per step)."""
@@ -85,11 +125,19 @@ class EditPlan:
             self._cache[key] = encode_prompt_target(self.tokenizer, prefix, target)
         return self._cache[key]
 
+    def layout(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The device tensors of a step's fixed structure (padded rows, token indices), built by
+        ``build`` the first time ``key`` is seen and reused by every later step."""
+        if key not in self._layouts:
+            self._layouts[key] = build()
+        return self._layouts[key]
+
     def subset(self, keep: Sequence[int]) -> EditPlan:
         """The plan of the requests ``keep`` only (tokenization cache shared)."""
         names = None if self.adapter_names is None else [self.adapter_names[i] for i in keep]
         return replace(self, requests=[self.requests[i] for i in keep], encoded=[self.encoded[i] for i in keep],
-                       contexts=[self.contexts[i] for i in keep], adapter_names=names, _cache=self._cache)
+                       contexts=[self.contexts[i] for i in keep], adapter_names=names, _cache=self._cache,
+                       _layouts=self._layouts)
 
     def route(self, owners: Sequence[int]) -> dict[str, Any]:
         """Forward keyword arguments sending each row to its request's adapter (PEFT mixed batches)."""
@@ -188,29 +236,54 @@ def wrong_per_request(pred: torch.Tensor, labels: torch.Tensor, owners: torch.Te
 
 def combine(plan: EditPlan, per_request: torch.Tensor, ft: torch.Tensor, ice: torch.Tensor | None,
             wrong: torch.Tensor) -> LossParts:
-    """``LossParts`` from per-request losses, target terms ``ft``, ICE terms and wrong-token counts.
-
-    One host transfer for all the reported numbers.
-    """
+    """``LossParts`` from per-request losses, target terms ``ft``, ICE terms and wrong-token counts
+    (all left on the device)."""
     ice = torch.zeros_like(ft) if ice is None else ice
-    numbers = torch.stack([ft.detach(), ice.detach(), per_request.detach(), wrong.detach().float()]).tolist()
-    requests = [RequestLoss(loss=total, ft=f, ice=i, learned=w == 0) for f, i, total, w in zip(*numbers)]
-    return LossParts(loss=plan.reduce(per_request), ft=sum(numbers[0]) / len(requests),
-                     ice=sum(numbers[1]) / len(requests), target_learned=all(r.learned for r in requests),
-                     per_request=requests)
+    numbers = torch.stack([t.detach().to(torch.float64) for t in (ft, ice, per_request, wrong)])
+    return LossParts(plan.reduce(per_request), numbers)
+
+
+def weighted_group_mean(values: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor,
+                        num_groups: int) -> torch.Tensor:
+    """Weighted mean of ``values`` within each group id (weights 0 or 1 drop or keep a value);
+    groups with no weight get 0."""
+    zeros = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    sums = zeros.index_add(0, groups, values * weights)
+    counts = zeros.index_add(0, groups, weights.to(values.dtype))
+    return sums / counts.clamp(min=1)
+
+
+@dataclass
+class TargetLayout:
+    """The fixed structure of the ``ft`` objective's pass: the prompt+target rows and their target tokens."""
+
+    batch: PaddedBatch
+    target: TokenIndex
+    owner: torch.Tensor
+
+
+def ft_layout(plan: EditPlan, device: torch.device) -> TargetLayout:
+    rows = [e.ids for e in plan.encoded]
+    key = ("ft", tuple(rows))
+
+    def build() -> TargetLayout:
+        batch = pad_rows(rows, plan.pad_id, device=device)
+        target = span_index(batch, [(e.target_start, len(e.ids)) for e in plan.encoded], device)
+        return TargetLayout(batch, target, target.rows)
+
+    return plan.layout(key, build)
 
 
 def ft_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int, rider: Rider | None = None
             ) -> LossParts:
     """Mean target-token cross-entropy per request, averaged over requests."""
-    device = next(model.parameters()).device
+    layout = ft_layout(plan, next(model.parameters()).device)
     n = len(plan.encoded)
-    batch = pad_rows([e.ids for e in plan.encoded], plan.pad_id, device=device)
-    logits = _forward(model, batch, plan, range(n), rider)
-    pred, labels, rows = next_token_view(logits, batch, target_mask(batch, plan.encoded))
+    logits = _forward(model, layout.batch, plan, range(n), rider)
+    pred, labels = layout.target.logits(logits), layout.target.labels(layout.batch.input_ids)
     nll = F.cross_entropy(pred.float(), labels, reduction="none")
-    ft = per_group_mean(nll, rows, n)
-    return combine(plan, ft, ft, None, wrong_per_request(pred, labels, rows, n))
+    ft = per_group_mean(nll, layout.owner, n)
+    return combine(plan, ft, ft, None, wrong_per_request(pred, labels, layout.owner, n))
 
 
 def ft_last_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int, rider: Rider | None = None
@@ -246,13 +319,29 @@ def _as_list(items: Any) -> list[Any]:
     return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
-def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
-             generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None) -> LossParts:
-    """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
+@dataclass
+class IceLayout:
+    """The fixed structure of one ICE step, the same at every step of an edit (only the sampled
+    tokens change): the context rows to sample after, the student rows ``q + x* + x_c`` with room
+    for the completion, and where the target and completion tokens sit in them."""
 
-    ``generators``: one for all rows, or (independent plans) one per request.
-    """
-    device = next(model.parameters()).device
+    owners: list[int]
+    context: PaddedBatch
+    groups: list[torch.Tensor] | None
+    student: PaddedBatch
+    target: TokenIndex
+    target_owner: torch.Tensor
+    completion: TokenIndex
+    completion_owner: torch.Tensor
+
+    def student_with(self, tokens: torch.Tensor) -> PaddedBatch:
+        """The student rows with the sampled completion ``tokens`` [R, m] in place (on the device)."""
+        ids = self.student.input_ids.clone()
+        ids[self.completion.rows, self.completion.positions] = tokens.reshape(-1)
+        return replace(self.student, input_ids=ids)
+
+
+def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device) -> IceLayout:
     owners, context_rows = [], []
     for i, request in enumerate(plan.requests):
         for context in plan.contexts[i]:
@@ -260,24 +349,46 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
             row = plan.encode(prefix, request.target)
             for _ in range(config.samples_per_context):
                 owners.append(i)
-                context_rows.append(row)
-    completions = _sample_for_rows(model, plan, context_rows, owners, config, _as_list(generators))
+                context_rows.append(row.ids)
+    m = config.completion_length
+    key = ("ice", tuple(owners), tuple(context_rows), tuple(e.ids for e in plan.encoded), m, plan.independent)
 
-    student = pad_rows(_student_rows(plan, owners, completions), plan.pad_id, device=device)
-    owned = [plan.encoded[i] for i in owners]
-    logits = _forward(model, student, plan, owners, rider)
-    owner_ids = torch.tensor(owners, device=device)
+    def build() -> IceLayout:
+        context = pad_rows(context_rows, plan.pad_id, side="left", device=device)
+        groups = group_rows(owners, len(plan.requests), device) if plan.independent else None
+        owned = [plan.encoded[i] for i in owners]
+        student = pad_rows([e.ids + (plan.pad_id,) * m for e in owned], plan.pad_id, device=device)
+        target = span_index(student, [(e.target_start, len(e.ids)) for e in owned], device)
+        completion = span_index(student, [(len(e.ids), len(e.ids) + m) for e in owned], device)
+        owner_ids = to_device(torch.tensor(owners, dtype=torch.long), device)
+        return IceLayout(owners, context, groups, student, target, owner_ids[target.rows], completion,
+                         owner_ids[completion.rows])
+
+    return plan.layout(key, build)
+
+
+def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
+             generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None) -> LossParts:
+    """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
+
+    ``generators``: one for all rows, or (independent plans) one per request. Every shape is fixed
+    by the layout, so the step is queued on the device without the host reading anything back.
+    """
+    layout = ice_layout(plan, config, next(model.parameters()).device)
+    completions = sample_from_batch(model, layout.context, config.completion_length, config.temperature,
+                                    _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
+    student = layout.student_with(completions.tokens)
+    logits = _forward(model, student, plan, layout.owners, rider)
     n = len(plan.requests)
 
-    pred, labels, rows = next_token_view(logits, student, target_mask(student, owned))
+    pred, labels = layout.target.logits(logits), layout.target.labels(student.input_ids)
     nll = F.cross_entropy(pred.float(), labels, reduction="none")
-    ft = per_group_mean(nll, owner_ids[rows], n)
+    ft = per_group_mean(nll, layout.target_owner, n)
 
-    comp_pred, _, comp_rows = next_token_view(logits, student, completion_mask(student, owned, completions.alive))
-    teacher = completions.teacher_logits.to(device)[completions.alive.to(device)]
-    kl = kl_divergence(teacher, comp_pred)
-    ice = per_group_mean(kl, owner_ids[comp_rows], n)
-    return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, owner_ids[rows], n))
+    teacher = completions.teacher_logits.reshape(-1, completions.teacher_logits.shape[-1])
+    kl = kl_divergence(teacher, layout.completion.logits(logits))
+    ice = weighted_group_mean(kl, completions.alive.reshape(-1), layout.completion_owner, n)
+    return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, layout.target_owner, n))
 
 
 def reference_context_prefix(request: EditRequest, context: str | None, prefix: str) -> str:
@@ -342,9 +453,9 @@ def with_locality(parts: LossParts, plan: EditPlan, kl: torch.Tensor, weight: fl
     independent plan, or a single value shared by all requests of a joint one."""
     n = len(plan.requests)
     per_request = kl if plan.independent else kl.expand(n)
-    extra = (weight * per_request).detach().tolist()
-    requests = [replace(r, loss=r.loss + e) for r, e in zip(parts.per_request, extra)]
-    return replace(parts, loss=parts.loss + weight * plan.reduce(per_request), per_request=requests)
+    numbers = parts.numbers.clone()
+    numbers[2] += weight * per_request.detach().to(torch.float64)
+    return LossParts(parts.loss + weight * plan.reduce(per_request), numbers)
 
 
 class Objective:

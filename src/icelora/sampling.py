@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from icelora.tokenization import pad_rows
+from icelora.tokenization import PaddedBatch, pad_rows, to_device
 
 
 @dataclass
@@ -50,7 +50,12 @@ def draw(probs: torch.Tensor, generators: Sequence[torch.Generator],
     return token
 
 
-@torch.no_grad()
+def group_rows(row_groups: Sequence[int], groups: int, device: torch.device) -> list[torch.Tensor]:
+    """For each generator k, the indices of the rows that draw from it."""
+    return [to_device(torch.tensor([r for r, g in enumerate(row_groups) if g == k], dtype=torch.long), device)
+            for k in range(groups)]
+
+
 def sample_completions(
     model: nn.Module,
     rows: list[tuple[int, ...]],
@@ -74,10 +79,26 @@ def sample_completions(
     if row_groups is not None:
         if len(row_groups) != len(rows):
             raise ValueError(f"{len(row_groups)} row groups for {len(rows)} rows")
-        groups = [torch.tensor([r for r, g in enumerate(row_groups) if g == k], dtype=torch.long, device=device)
-                  for k in range(len(generators))]
-    extra = forward_kwargs or {}
+        groups = group_rows(row_groups, len(generators), device)
     batch = pad_rows(rows, pad_id, side="left", device=device)
+    return sample_from_batch(model, batch, length, temperature, generators, eos_ids, groups, forward_kwargs)
+
+
+@torch.no_grad()
+def sample_from_batch(
+    model: nn.Module,
+    batch: PaddedBatch,
+    length: int,
+    temperature: float,
+    generators: Sequence[torch.Generator],
+    eos_ids: set[int],
+    groups: list[torch.Tensor] | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
+) -> Completions:
+    """:func:`sample_completions` on a left-padded batch already on the device, with the rows of
+    each generator given as index tensors (``group_rows``). Nothing here reads the device from the
+    host, so the editing loop can queue the whole step."""
+    extra = forward_kwargs or {}
     out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
     cache = out.cache
     logits = out.logits[:, -1].float()

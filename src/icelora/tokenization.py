@@ -139,8 +139,48 @@ def pad_rows(rows: list[list[int]] | list[tuple[int, ...]], pad_id: int, side: s
         mask[i, offset: offset + len(row)] = 1
         offsets.append(offset)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return PaddedBatch(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), offsets=offsets, lengths=lengths)
+    return PaddedBatch(input_ids=to_device(ids, device), attention_mask=to_device(mask, device),
+                       position_ids=to_device(positions, device), offsets=offsets, lengths=lengths)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device``; to a CUDA device through pinned memory, so the host does
+    not wait for the work already queued on the device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class TokenIndex:
+    """Fixed positions of chosen tokens in a padded batch: token k sits at ``(rows[k], positions[k])``
+    and is predicted by the logits one position earlier. Gathering by index keeps every shape known
+    on the host, so no step waits for the device to count a mask."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, V]: the logits that predict each chosen token."""
+        return logits[self.rows, self.positions - 1]
+
+    def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[N]: the chosen tokens themselves."""
+        return input_ids[self.rows, self.positions]
+
+
+def span_index(batch: PaddedBatch, spans: list[tuple[int, int]], device: torch.device | str) -> TokenIndex:
+    """The tokens ``spans[i] = (start, end)`` of each row i (unpadded positions, ``start >= 1``), row
+    by row, in the order ``next_token_view`` selects them."""
+    rows, positions = [], []
+    for i, (start, end) in enumerate(spans):
+        if not 1 <= start <= end <= batch.lengths[i]:
+            raise ValueError(f"span {(start, end)} outside row {i} of length {batch.lengths[i]} (or at its start)")
+        rows += [i] * (end - start)
+        positions += range(batch.offsets[i] + start, batch.offsets[i] + end)
+    return TokenIndex(rows=to_device(torch.tensor(rows, dtype=torch.long), device),
+                      positions=to_device(torch.tensor(positions, dtype=torch.long), device))
 
 
 def next_token_view(logits: torch.Tensor, batch: PaddedBatch, token_mask: torch.Tensor

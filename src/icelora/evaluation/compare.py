@@ -137,7 +137,7 @@ def plan_jobs(config: CompareConfig, output: Path) -> list[CompareJob]:
         for dataset, indices in section["datasets"].items():
             for method in section["methods"]:
                 name = Path(dataset).stem if dataset.endswith(".json") else dataset
-                prefix = name if protocol == "single" else f"sequential-{name}"
+                prefix = name if protocol == "single" else f"sequential-{name}"  # job_dataset_name
                 lora_like = method == "none" or method_config(method, **config.method_configs.get(method, {})
                                                               ).parameterization == "lora"
                 jobs.append(CompareJob(
@@ -166,12 +166,26 @@ def run_job(job: CompareJob, config: CompareConfig, command: str | None = None) 
     return run_single(editor, job.method, dataset, job.folder, config.seed, True, job.edits_at_once, command=command)
 
 
+def job_dataset_name(job: CompareJob) -> str:
+    """The data set's name in folder names (a JSON path's stem)."""
+    return Path(job.dataset).stem if job.dataset.endswith(".json") else job.dataset
+
+
 def run_compare(config: CompareConfig, output: Path, only: list[str] | None = None,
-                command: str | None = None) -> list[dict[str, Any]]:
-    """Run every job of the study (``only``: just these methods); one summary row per job."""
+                command: str | None = None, datasets: list[str] | None = None,
+                protocols: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run every job of the study, or those of the methods ``only``, the data sets ``datasets``
+    and the protocols ``protocols``; one summary row per job."""
+    jobs = plan_jobs(config, output)
+    for name, chosen, present in (("dataset", datasets, {job_dataset_name(j) for j in jobs}),
+                                  ("protocol", protocols, {j.protocol for j in jobs})):
+        unknown = sorted(set(chosen or []) - present)
+        if unknown:
+            raise InvalidConfigError(f"the study has no {name} {unknown}; it has {sorted(present)}")
     rows = []
-    for job in plan_jobs(config, output):
-        if only and job.method not in only:
+    for job in jobs:
+        if (only and job.method not in only) or (datasets and job_dataset_name(job) not in datasets) \
+                or (protocols and job.protocol not in protocols):
             continue
         log.info("%s %s on %s (%s) -> %s", job.protocol, job.method, job.dataset, job.indices, job.folder)
         metrics = run_job(job, config, command)
