@@ -51,6 +51,7 @@ from transformers import (
 )
 
 from icelora import ICELoRAEditor, load_model
+from icelora.config import AUTOCAST_DTYPES
 from icelora.data_utils.templates import template_contexts
 from icelora.errors import IceloraError
 from icelora.methods import METHODS, method_config
@@ -198,20 +199,27 @@ def flops_per_step(editor: ICELoRAEditor, request: EditRequest) -> float:
     return counter.get_total_flops() / result.steps
 
 
-def syncs_per_step(editor: ICELoRAEditor, request: EditRequest) -> tuple[float, dict[str, int]]:
-    """Host-device synchronisations per step of an untimed CUDA edit of ``request`` (torch's sync
-    debug mode), and the source lines they come from."""
+def syncs_per_step(editor: ICELoRAEditor, requests: list[EditRequest], at_once: int) -> tuple[float, dict[str, int]]:
+    """Host-device synchronisations per step on CUDA, counted with torch's sync debug mode on an
+    untimed edit that takes the timed path (``at_once`` edits trained together when above 1), and
+    the source lines they come from. Setup outside the loop counts too, and the debug mode does not
+    see every kind of wait, so this is a close lower bound."""
+    previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            result = editor.edit(request, progress=False)
+            if at_once == 1:
+                steps = editor.edit(requests[0], progress=False).steps
+                editor.revert()
+            else:
+                with editor.edit_each(requests[:at_once], progress=False) as edits:
+                    steps = max(r.steps for r in edits.results)
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    editor.revert()
+            torch.cuda.set_sync_debug_mode(previous)
     sources = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
                       if "synchronizing" in str(w.message))
-    return sum(sources.values()) / result.steps, dict(sources.most_common(12))
+    return sum(sources.values()) / steps, dict(sources.most_common(12))
 
 
 def warm_up(editor: ICELoRAEditor, requests: list[EditRequest], at_once: int) -> None:
@@ -232,8 +240,8 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
     each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor."""
     editor = ICELoRAEditor(make(), method=method, **overrides)
     device = next(editor.model.parameters()).device
-    per_step = flops_per_step(editor, requests[0])  # also the warm-up
-    syncs = syncs_per_step(editor, requests[0]) if device.type == "cuda" else None
+    per_step = flops_per_step(editor, requests[0])
+    syncs = syncs_per_step(editor, requests, at_once) if device.type == "cuda" else None
     if warmup:
         warm_up(editor, requests, at_once)
     seconds, steps = [], []
@@ -283,12 +291,20 @@ def device_name(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+def write_json(path: Path, report: dict) -> None:
+    """Replace ``path`` with ``report`` in one step (a run killed while writing leaves the last copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(staging, path)
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Each row's median seconds per edit over ``ice``'s (when ``ice`` has a row)."""
     ice = next((r for r in rows if r["method"] == "ice" and "error" not in r), None)
     for row in rows:
         if "error" not in row and ice:
-            row["ratio_to_ice"] = round(row["median_seconds_per_edit"] / ice["median_seconds_per_edit"], 3)
+            row["ratio_to_ice"] = row["median_seconds_per_edit"] / ice["median_seconds_per_edit"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time each LoRA method with K edits trained together (K > 1)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="dtype of the weights (float32, bfloat16)")
-    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+    parser.add_argument("--autocast", default=None, choices=["bfloat16"],
                         help="run each step's passes under torch.autocast in this dtype")
     parser.add_argument("--warmup", action="store_true",
                         help="one untimed pass over the same edits before timing them")
@@ -331,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         probe = make().model
         device, dtype = next(probe.parameters()).device, next(probe.parameters()).dtype
         del probe
-        rate = matmul_flops_per_second(device, dtype)
-        log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rate / 1e9, device, dtype)
+        compute_dtype = AUTOCAST_DTYPES[args.autocast] or dtype  # the dtype the products run in
+        rate = matmul_flops_per_second(device, compute_dtype)
+        log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rate / 1e9, device, compute_dtype)
         plan = [(m, k) for m in methods for k in sorted({1, args.edits_at_once}) if k == 1 or METHOD_IS_LORA[m]]
         report = {"methods": [], "model": f"random {args.shape}" if args.shape else args.model,
                   "device": str(device), "device_name": device_name(device),
@@ -350,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
             add_ratios(report["methods"])
             if args.json:  # after every row, so that a run cut short keeps what it measured
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+                write_json(Path(args.json), report)
     except IceloraError as exc:
         print(f"edit_speed: error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from icelora.losses import (
     completion_mask,
     ice_loss,
     ice_reference_loss,
+    kept_group_mean,
     kl_divergence,
     per_group_mean,
     reference_context_prefix,
@@ -163,3 +164,11 @@ def test_ft_last_scores_every_target_token_at_the_last_prompt_position(tiny):
     parts = Objective(plan, config, torch.device("cpu"))(tiny.model, 0)
     logp = F.log_softmax(tiny.model(torch.tensor([list(enc.prompt_ids)])).logits[0, -1], -1)
     assert parts.loss.item() == pytest.approx(-logp[list(enc.target_ids)].mean().item(), rel=1e-5)
+
+
+def test_kept_group_mean_leaves_out_dropped_values_even_when_not_finite():
+    values = torch.tensor([1.0, float("nan"), 3.0, float("inf"), 5.0])
+    keep = torch.tensor([True, False, True, False, False])
+    groups = torch.tensor([0, 0, 0, 1, 2])
+    means = kept_group_mean(values, keep, groups, 4)
+    assert means.tolist() == [2.0, 0.0, 0.0, 0.0]

@@ -7,7 +7,7 @@ import torch
 
 from icelora.errors import InvalidRequestError
 from icelora.sampling import alive_before_eos
-from icelora.tokenization import encode_prompt_target, next_token_view, pad_rows
+from icelora.tokenization import encode_prompt_target, next_token_view, pad_rows, span_index
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -62,6 +62,12 @@ def test_span_masks_select_exactly_the_target_tokens(tokenizers_by_kind, kind, s
     width = batch.input_ids.shape[1]
     assert pred[:, 0].long().tolist() == [i * width + p for i, p in expected_positions]
     assert rows.tolist() == [i for i, _ in expected_positions]
+    # the fixed-index view of the same spans selects the same logits and labels, in the same order
+    index = span_index(batch, [(e.target_start, len(e.ids)) for e in encs], "cpu")
+    assert torch.equal(index.logits(logits), pred) and torch.equal(index.labels(batch.input_ids), labels)
+    assert torch.equal(index.rows, rows)
+    with pytest.raises(ValueError, match="outside row"):
+        span_index(batch, [(0, 1), (1, 2)], "cpu")  # a token at a row's start has no logits before it
 
 
 def test_left_padding_keeps_positions_of_real_tokens():

@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(read_train_config(args.config), args.output_dir, resume=args.resume)
             print(json.dumps(summary, indent=2))
         elif args.command == "compare":
-            from icelora.evaluation.compare import plan_jobs, read_compare_config, run_compare
+            from icelora.evaluation.compare import read_compare_config, run_compare, select_jobs
 
             study = read_compare_config(args.config)
             if args.list:
-                for job in plan_jobs(study, Path(args.output)):
+                for job in select_jobs(study, Path(args.output), args.only, args.dataset, args.protocol):
                     print(f"{job.protocol:10s} {job.dataset:12s} {job.indices:10s} {job.method:9s} {job.folder}")
             else:
                 line = " ".join(["icelora", *(argv if argv is not None else sys.argv[1:])])

@@ -14,7 +14,8 @@ from icelora.errors import InvalidConfigError
 
 OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
 PARAMETERIZATIONS = ("lora", "full")
-AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: float16 is left out: its gradients need loss scaling, which the editing loop does not do.
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -32,8 +33,9 @@ class EditConfig:
         self-induced completions ``x_c`` from the context-conditioned model.
     lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many unrelated
         anchor texts per step (:mod:`icelora.anchors`); 0 turns it off.
-    autocast_dtype: run each step's passes under ``torch.autocast`` in this dtype (``bfloat16`` or
-        ``float16``), the trained tensors staying in their own dtype; ``None``: no autocast.
+    autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
+        ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
+        ``None``: no autocast.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
         ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).

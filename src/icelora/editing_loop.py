@@ -88,7 +88,7 @@ def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callabl
             optimizer.step()
             params.after_step()
             # the step's numbers are read only now, after its update is queued on the device
-            history.append(StepRecord(step, parts.loss.item(), parts.ft, parts.ice, parts.target_learned))
+            history.append(StepRecord(step, parts.total, parts.ft, parts.ice, parts.target_learned))
             bar.set_postfix(loss=f"{history[-1].loss:.3f}")
             log.debug("step %d loss %.4f ft %.4f ice %.4f learned %s", step, history[-1].loss,
                       parts.ft, parts.ice, parts.target_learned)

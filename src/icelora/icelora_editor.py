@@ -27,7 +27,7 @@ from icelora.architecture import (
     model_device,
 )
 from icelora.config import EditConfig
-from icelora.editing_loop import StepRecord, run_edit_loop, run_independent_edit_loop
+from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import Objective, build_plan
@@ -259,7 +259,7 @@ class ICELoRAEditor:
         ``lambda_locality`` is 0)."""
         if not self.config.lambda_locality:
             return None
-        with self.unedited():
+        with self.unedited(), autocast(self.model, self.config):  # as the student will see them
             return anchor_teacher(self.model, self.tokenizer, pad_id)
 
     def revert(self) -> None:

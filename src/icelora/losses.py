@@ -70,17 +70,25 @@ class LossParts:
     ``target_learned``: the greedy teacher-forced target is right for every request.
     """
 
-    def __init__(self, loss: torch.Tensor, numbers: torch.Tensor) -> None:
+    def __init__(self, loss: torch.Tensor, numbers: torch.Tensor, summed: bool = False) -> None:
         self.loss = loss
         self.numbers = numbers.detach()
+        self.summed = summed
         self._requests: list[RequestLoss] | None = None
 
     @classmethod
-    def of(cls, loss: torch.Tensor, requests: Sequence[RequestLoss]) -> LossParts:
+    def of(cls, loss: torch.Tensor, requests: Sequence[RequestLoss], summed: bool = False) -> LossParts:
         """Parts from per-request numbers known on the host (for objectives written by hand)."""
         numbers = torch.tensor([[r.ft for r in requests], [r.ice for r in requests], [r.loss for r in requests],
                                 [0.0 if r.learned else 1.0 for r in requests]], dtype=torch.float64)
-        return cls(loss, numbers)
+        return cls(loss, numbers, summed)
+
+    @property
+    def total(self) -> float:
+        """``loss`` as a number, from the same single read as the parts (the sum of the requests'
+        losses for independent edits, their mean for one joint edit)."""
+        losses = [r.loss for r in self.per_request]
+        return sum(losses) if self.summed else sum(losses) / len(losses)
 
     @property
     def per_request(self) -> list[RequestLoss]:
@@ -115,8 +123,8 @@ class EditPlan:
     eos_ids: set[int]
     independent: bool = False
     adapter_names: list[str] | None = None
-    _cache: dict[tuple[str, str], PromptTarget] = field(default_factory=dict)
-    _layouts: dict[tuple, Any] = field(default_factory=dict)
+    _cache: dict[tuple[str, str], PromptTarget] = field(default_factory=dict, repr=False, compare=False)
+    _layouts: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def encode(self, prefix: str, target: str) -> PromptTarget:
         """``encode_prompt_target`` with a cache (the reference objective re-encodes rows per step)."""
@@ -239,17 +247,24 @@ def combine(plan: EditPlan, per_request: torch.Tensor, ft: torch.Tensor, ice: to
     """``LossParts`` from per-request losses, target terms ``ft``, ICE terms and wrong-token counts
     (all left on the device)."""
     ice = torch.zeros_like(ft) if ice is None else ice
-    numbers = torch.stack([t.detach().to(torch.float64) for t in (ft, ice, per_request, wrong)])
-    return LossParts(plan.reduce(per_request), numbers)
+    dtype = reported_dtype(ft.device)
+    numbers = torch.stack([t.detach().to(dtype) for t in (ft, ice, per_request, wrong)])
+    return LossParts(plan.reduce(per_request), numbers, summed=plan.independent)
 
 
-def weighted_group_mean(values: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor,
-                        num_groups: int) -> torch.Tensor:
-    """Weighted mean of ``values`` within each group id (weights 0 or 1 drop or keep a value);
-    groups with no weight get 0."""
+def reported_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the reported numbers: float64, so that sums of them match the host's
+    arithmetic; float32 on devices without float64 (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def kept_group_mean(values: torch.Tensor, keep: torch.Tensor, groups: torch.Tensor, num_groups: int
+                    ) -> torch.Tensor:
+    """Mean of the ``values`` with ``keep`` True within each group id (the others count as absent,
+    even when not finite); groups with none kept get 0. Fixed shapes: nothing waits on the device."""
     zeros = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
-    sums = zeros.index_add(0, groups, values * weights)
-    counts = zeros.index_add(0, groups, weights.to(values.dtype))
+    sums = zeros.index_add(0, groups, torch.where(keep, values, torch.zeros_like(values)))
+    counts = zeros.index_add(0, groups, keep.to(values.dtype))
     return sums / counts.clamp(min=1)
 
 
@@ -264,7 +279,7 @@ class TargetLayout:
 
 def ft_layout(plan: EditPlan, device: torch.device) -> TargetLayout:
     rows = [e.ids for e in plan.encoded]
-    key = ("ft", tuple(rows))
+    key = ("ft", tuple(plan.encoded), plan.pad_id, str(device))
 
     def build() -> TargetLayout:
         batch = pad_rows(rows, plan.pad_id, device=device)
@@ -351,7 +366,8 @@ def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device) -> IceL
                 owners.append(i)
                 context_rows.append(row.ids)
     m = config.completion_length
-    key = ("ice", tuple(owners), tuple(context_rows), tuple(e.ids for e in plan.encoded), m, plan.independent)
+    key = ("ice", tuple(owners), tuple(context_rows), tuple(plan.encoded), m, plan.independent, plan.pad_id,
+           str(device))
 
     def build() -> IceLayout:
         context = pad_rows(context_rows, plan.pad_id, side="left", device=device)
@@ -387,7 +403,7 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
 
     teacher = completions.teacher_logits.reshape(-1, completions.teacher_logits.shape[-1])
     kl = kl_divergence(teacher, layout.completion.logits(logits))
-    ice = weighted_group_mean(kl, completions.alive.reshape(-1), layout.completion_owner, n)
+    ice = kept_group_mean(kl, completions.alive.reshape(-1), layout.completion_owner, n)
     return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, layout.target_owner, n))
 
 
@@ -454,8 +470,8 @@ def with_locality(parts: LossParts, plan: EditPlan, kl: torch.Tensor, weight: fl
     n = len(plan.requests)
     per_request = kl if plan.independent else kl.expand(n)
     numbers = parts.numbers.clone()
-    numbers[2] += weight * per_request.detach().to(torch.float64)
-    return LossParts(parts.loss + weight * plan.reduce(per_request), numbers)
+    numbers[2] += weight * per_request.detach().to(numbers.dtype)
+    return LossParts(parts.loss + weight * plan.reduce(per_request), numbers, summed=parts.summed)
 
 
 class Objective:

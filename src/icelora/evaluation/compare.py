@@ -136,8 +136,8 @@ def plan_jobs(config: CompareConfig, output: Path) -> list[CompareJob]:
     for protocol, section in config.jobs_by_protocol.items():
         for dataset, indices in section["datasets"].items():
             for method in section["methods"]:
-                name = Path(dataset).stem if dataset.endswith(".json") else dataset
-                prefix = name if protocol == "single" else f"sequential-{name}"  # job_dataset_name
+                name = dataset_name(dataset)
+                prefix = name if protocol == "single" else f"sequential-{name}"
                 lora_like = method == "none" or method_config(method, **config.method_configs.get(method, {})
                                                               ).parameterization == "lora"
                 jobs.append(CompareJob(
@@ -166,27 +166,36 @@ def run_job(job: CompareJob, config: CompareConfig, command: str | None = None) 
     return run_single(editor, job.method, dataset, job.folder, config.seed, True, job.edits_at_once, command=command)
 
 
-def job_dataset_name(job: CompareJob) -> str:
-    """The data set's name in folder names (a JSON path's stem)."""
-    return Path(job.dataset).stem if job.dataset.endswith(".json") else job.dataset
+def dataset_name(dataset: str) -> str:
+    """A study data set's name in folder names (a JSON path's stem)."""
+    return Path(dataset).stem if dataset.endswith(".json") else dataset
+
+
+def select_jobs(config: CompareConfig, output: Path, only: list[str] | None = None,
+                datasets: list[str] | None = None, protocols: list[str] | None = None) -> list[CompareJob]:
+    """The study's jobs of the methods ``only``, the data sets ``datasets`` and the protocols
+    ``protocols`` (each ``None``: all); an error when a name is not in the study or nothing matches."""
+    jobs = plan_jobs(config, output)
+    for name, chosen, present in (("method", only, {j.method for j in jobs}),
+                                  ("dataset", datasets, {dataset_name(j.dataset) for j in jobs}),
+                                  ("protocol", protocols, {j.protocol for j in jobs})):
+        unknown = sorted(set(chosen or []) - present)
+        if unknown:
+            raise InvalidConfigError(f"the study has no {name} {unknown}; it has {sorted(present)}")
+    selected = [j for j in jobs if (not only or j.method in only)
+                and (not datasets or dataset_name(j.dataset) in datasets)
+                and (not protocols or j.protocol in protocols)]
+    if not selected:
+        raise InvalidConfigError("no run of the study matches the chosen methods, data sets and protocols")
+    return selected
 
 
 def run_compare(config: CompareConfig, output: Path, only: list[str] | None = None,
                 command: str | None = None, datasets: list[str] | None = None,
                 protocols: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every job of the study, or those of the methods ``only``, the data sets ``datasets``
-    and the protocols ``protocols``; one summary row per job."""
-    jobs = plan_jobs(config, output)
-    for name, chosen, present in (("dataset", datasets, {job_dataset_name(j) for j in jobs}),
-                                  ("protocol", protocols, {j.protocol for j in jobs})):
-        unknown = sorted(set(chosen or []) - present)
-        if unknown:
-            raise InvalidConfigError(f"the study has no {name} {unknown}; it has {sorted(present)}")
+    """Run every job of the study, or those :func:`select_jobs` picks; one summary row per job."""
     rows = []
-    for job in jobs:
-        if (only and job.method not in only) or (datasets and job_dataset_name(job) not in datasets) \
-                or (protocols and job.protocol not in protocols):
-            continue
+    for job in select_jobs(config, output, only, datasets, protocols):
         log.info("%s %s on %s (%s) -> %s", job.protocol, job.method, job.dataset, job.indices, job.folder)
         metrics = run_job(job, config, command)
         rows.append({"protocol": job.protocol, "dataset": job.dataset, "method": job.method,
