@@ -7,7 +7,18 @@ import torch
 from torch import nn
 
 from icelora import EditConfig, ICELoRAEditor
-from icelora.anchors import ANCHOR_TEXTS, AnchorTeacher, anchor_kl_from_logits, anchor_rows, anchor_teacher
+from icelora.anchors import (
+    ANCHOR_TEXTS,
+    SUBJECT_CONTINUATION,
+    SUBJECT_TEMPLATES,
+    AnchorTeacher,
+    anchor_kl_from_logits,
+    anchor_rows,
+    anchor_teacher,
+    anchor_teachers,
+    greedy_extend,
+)
+from icelora.errors import InvalidConfigError
 from icelora.losses import Objective, build_plan
 from icelora.request import EditRequest
 from icelora.tokenization import pad_rows
@@ -25,9 +36,10 @@ def anchor_kl(model: nn.Module, teacher: AnchorTeacher, chosen: list[int], pad_i
     ``k * len(chosen) + j`` (independent edits route each copy to its own adapter).
     """
     device = next(model.parameters()).device
-    batch = pad_rows(anchor_rows(teacher, chosen, owners), pad_id, device=device)
+    teachers, picks = [teacher] * owners, [chosen] * owners
+    batch = pad_rows(anchor_rows(teachers, picks), pad_id, device=device)
     logits = model(**batch.forward_kwargs(), **(forward_kwargs or {})).logits
-    return anchor_kl_from_logits(teacher, chosen, owners, logits)
+    return anchor_kl_from_logits(teachers, picks, logits)
 
 
 def test_anchor_kl_is_zero_before_the_edit_and_grows_after(tiny):
@@ -76,3 +88,72 @@ def test_an_edit_with_the_locality_term_moves_the_anchors_less(tiny):
         editor.revert()
         editor.params.model.unload()  # the next editor wraps the same tiny model
     assert moved[5.0] < moved[0.0]
+
+
+SUBJECT_REQUESTS = [
+    EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome", subject="The Eiffel Tower"),
+    EditRequest(prompt="The mother tongue of Danielle Darrieux is", target="Italian", subject="Danielle Darrieux"),
+    EditRequest(prompt="Which family does Epaspidoceras belong to?", target="Geometridae"),
+]
+
+
+def test_greedy_extend_appends_the_models_argmax_tokens(tiny):
+    pad = tiny.tokenizer.pad_token_id
+    rows = [tuple(tiny.tokenizer(t)["input_ids"]) for t in ("The river flows", "A")]
+    extended = greedy_extend(tiny.model, rows, pad, 3, eos_id=None)
+    for row, longer in zip(rows, extended):
+        assert longer[: len(row)] == row and len(longer) == len(row) + 3
+        with torch.no_grad():  # each added token is the argmax after the tokens before it
+            logits = tiny.model(torch.tensor([longer])).logits[0]
+        assert [int(logits[i].argmax()) for i in range(len(row) - 1, len(longer) - 1)] == list(longer[len(row):])
+    stopped = greedy_extend(tiny.model, rows, pad, 3, eos_id=extended[0][len(rows[0])])
+    assert stopped[0] == extended[0][: len(rows[0]) + 1]  # nothing after EOS
+
+
+def test_subject_anchors_are_about_each_requests_subject(tiny):
+    pad = tiny.tokenizer.pad_token_id
+    per_request = anchor_teachers(tiny.model, tiny.tokenizer, pad, "subject", SUBJECT_REQUESTS, independent=True)
+    assert len(per_request) == 3
+    for request, teacher in zip(SUBJECT_REQUESTS[:2], per_request):
+        assert len(teacher.rows) == len(SUBJECT_TEMPLATES)
+        for template, row in zip(SUBJECT_TEMPLATES, teacher.rows):
+            prompt = tuple(tiny.tokenizer(template.format(subject=request.subject))["input_ids"])
+            assert row[: len(prompt)] == prompt and len(row) <= len(prompt) + SUBJECT_CONTINUATION
+        assert [lp.shape[0] for lp in teacher.log_probs] == [len(r) - 1 for r in teacher.rows]
+    # no subject: the general anchors
+    assert len(per_request[2].rows) == len(ANCHOR_TEXTS)
+    joint = anchor_teachers(tiny.model, tiny.tokenizer, pad, "subject", SUBJECT_REQUESTS, independent=False)
+    assert len(joint) == 1 and joint[0].rows == per_request[0].rows + per_request[1].rows
+    general = anchor_teachers(tiny.model, tiny.tokenizer, pad, "general", SUBJECT_REQUESTS, independent=True)
+    assert len(general) == 1 and len(general[0].rows) == len(ANCHOR_TEXTS)
+    with pytest.raises(ValueError, match="anchor kind"):
+        anchor_teachers(tiny.model, tiny.tokenizer, pad, "nearby", SUBJECT_REQUESTS, independent=True)
+
+
+def test_subject_anchors_hold_the_subjects_other_continuations(tiny):
+    """An edit with subject anchors moves the model's distributions on them less than one without."""
+    settings = {"max_steps": 10, "learning_rate": 5e-2, "layers": [0, 1], "early_stopping": False,
+                "locality_anchor_kind": "subject", "locality_anchors": len(SUBJECT_TEMPLATES)}
+    request = SUBJECT_REQUESTS[1]
+    moved = {}
+    for weight in (0.0, 5.0):
+        editor = ICELoRAEditor(tiny, method="lora", lambda_locality=weight, **settings)
+        pad = editor.tokenizer.pad_token_id
+        teacher = anchor_teachers(editor.model, editor.tokenizer, pad, "subject", [request], independent=False)[0]
+        editor.edit(request, progress=False)
+        with torch.no_grad():
+            moved[weight] = anchor_kl(editor.model, teacher, list(range(len(teacher.rows))), pad, 1).item()
+        editor.revert()
+        editor.params.model.unload()
+    assert moved[5.0] < 0.5 * moved[0.0]
+
+
+def test_objective_rejects_anchor_sets_that_do_not_fit_the_plan(tiny):
+    config = EditConfig(num_contexts=2, completion_length=2, lambda_locality=1.0)
+    pad = tiny.tokenizer.pad_token_id
+    sets = anchor_teachers(tiny.model, tiny.tokenizer, pad, "subject", SUBJECT_REQUESTS, independent=True)
+    joint = build_plan(tiny.tokenizer, SUBJECT_REQUESTS, config)
+    with pytest.raises(ValueError, match="independent plan"):
+        Objective(joint, config, torch.device("cpu"), sets)
+    with pytest.raises(InvalidConfigError, match="locality_anchor_kind"):
+        EditConfig(locality_anchor_kind="nearby")

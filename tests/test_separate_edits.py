@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -105,30 +107,36 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 
 
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
-@pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors"])
+@pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors", "ice-lora+subject-anchors"])
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
     rate amplifies float32 rounding on these tiny random models). ``+anchors``: with the locality
-    term, each edit's anchor rows routed to its own adapter."""
+    term, each edit's anchor rows routed to its own adapter; ``+subject-anchors``: each edit with
+    anchors about its own subject (the last request has none: it gets the general anchors)."""
     loaded = builder()
     loaded.model.double()
-    extra = {"lambda_locality": 0.5, "locality_anchors": 2} if method.endswith("+anchors") else {}
-    method = method.removesuffix("+anchors")
+    requests = REQUESTS
+    extra = {"lambda_locality": 0.5, "locality_anchors": 2} if method.endswith("anchors") else {}
+    if method.endswith("+subject-anchors"):
+        extra["locality_anchor_kind"] = "subject"
+        requests = [replace(REQUESTS[0], subject="The Eiffel Tower"), replace(REQUESTS[1], subject="Danielle Darrieux"),
+                    REQUESTS[2]]
+    method = method.split("+")[0]
     editor = ICELoRAEditor(loaded, method=method, **SETTINGS, **extra)
     probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])
     plain_logits = editor.model(probe).logits
     counts = editor.parameter_counts()
     alone = []
-    for request in REQUESTS:
+    for request in requests:
         result = editor.edit(request, progress=False)
         alone.append((result, _adapter_tensors(editor, "default"), editor.model(probe).logits))
         editor.revert()
 
-    editor.edit(REQUESTS[0], progress=False)  # an edit the live model holds: edit_each starts from the unedited model
+    editor.edit(requests[0], progress=False)  # an edit the live model holds: edit_each starts from the unedited model
     held = editor.model(probe).logits
-    with editor.edit_each(REQUESTS, progress=False, together=together) as edits:
-        assert len(edits.adapters) == len(REQUESTS) == len(set(edits.adapters))
+    with editor.edit_each(requests, progress=False, together=together) as edits:
+        assert len(edits.adapters) == len(requests) == len(set(edits.adapters))
         for k, (result, tensors, logits) in enumerate(alone):
             mine = edits.results[k]
             assert mine.steps == result.steps

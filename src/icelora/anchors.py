@@ -1,9 +1,16 @@
-"""Locality anchors: unrelated texts whose next-token distributions an edit should leave as they were.
+"""Locality anchors: texts whose next-token distributions an edit should leave as they were.
 
 With ``lambda_locality > 0`` every step adds ``lambda_locality * mean_t KL(p0(.|a<t) || q(.|a<t))``
 over the tokens of a few anchor texts ``a``: ``p0`` is the model before the edit (computed once per
-edit call), ``q`` the model being edited. The texts are general statements and questions written
-for this purpose, taken from no benchmark; which ones a step uses depends on (seed, step) only.
+edit call), ``q`` the model being edited. Which anchors a step uses depends on (seed, step) only.
+
+Two kinds of anchors (``EditConfig.locality_anchor_kind``):
+
+- ``general``: fixed statements and questions written for this purpose, taken from no benchmark;
+- ``subject``: short prompts about the edited request's subject ("{subject} is known for"),
+  each continued by the unedited model's own greedy tokens. They keep what the model says about
+  the subject apart from the edited fact (the idea of ROME's "essence" KL prompts); a request
+  without a subject gets the general anchors.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from icelora.config import LOCALITY_ANCHOR_KINDS
+from icelora.request import EditRequest
 from icelora.tokenization import pad_rows
 
 ANCHOR_TEXTS = (
@@ -46,6 +55,20 @@ ANCHOR_TEXTS = (
     "Q: How many legs does a spider have? A: Eight.",
 )
 
+#: Prompts about the subject that name no relation of their own; each is continued by
+#: ``SUBJECT_CONTINUATION`` greedy tokens of the unedited model.
+SUBJECT_TEMPLATES = (
+    "{subject} is a",
+    "{subject} was",
+    "{subject} is known for",
+    "{subject} has",
+    "People know {subject} as",
+    "The story of {subject}",
+    "About {subject}:",
+    "{subject}, who",
+)
+SUBJECT_CONTINUATION = 3
+
 
 @dataclass
 class AnchorTeacher:
@@ -60,33 +83,93 @@ class AnchorTeacher:
 
 
 @torch.no_grad()
-def anchor_teacher(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
-                   texts: Sequence[str] = ANCHOR_TEXTS) -> AnchorTeacher:
-    """Tokenize the anchors and record the model's next-token log-probabilities on them (call it on
-    the model as it is before the edit)."""
+def teacher_from_rows(model: nn.Module, rows: list[tuple[int, ...]], pad_id: int) -> AnchorTeacher:
+    """Record the model's next-token log-probabilities on token ``rows`` (call it on the model as
+    it is before the edit)."""
     device = next(model.parameters()).device
-    rows = [tuple(tokenizer(t)["input_ids"]) for t in texts]
     batch = pad_rows(rows, pad_id, device=device)
     logits = model(**batch.forward_kwargs()).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_probs = [F.log_softmax(logits[i, : len(r) - 1], dim=-1) for i, r in enumerate(rows)]
-    return AnchorTeacher(rows=rows, log_probs=log_probs)
+    return AnchorTeacher(rows=list(rows), log_probs=log_probs)
 
 
-def anchor_rows(teacher: AnchorTeacher, chosen: list[int], owners: int) -> list[tuple[int, ...]]:
-    """The chosen anchors' token rows, one copy per owner (owner k's copy is rows k*len(chosen)...)."""
-    return [teacher.rows[j] for _ in range(owners) for j in chosen]
+def anchor_teacher(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
+                   texts: Sequence[str] = ANCHOR_TEXTS) -> AnchorTeacher:
+    """The general anchors (or ``texts``), tokenized, with the model's distributions on them."""
+    return teacher_from_rows(model, [tuple(tokenizer(t)["input_ids"]) for t in texts], pad_id)
 
 
-def anchor_kl_from_logits(teacher: AnchorTeacher, chosen: list[int], owners: int,
+@torch.no_grad()
+def greedy_extend(model: nn.Module, rows: list[tuple[int, ...]], pad_id: int, tokens: int,
+                  eos_id: int | None) -> list[tuple[int, ...]]:
+    """Each row followed by the model's ``tokens`` greedy next tokens (a row stops after EOS)."""
+    device = next(model.parameters()).device
+    rows = [tuple(r) for r in rows]
+    done = [False] * len(rows)
+    for _ in range(tokens):
+        batch = pad_rows(rows, pad_id, device=device)
+        logits = model(**batch.forward_kwargs()).logits
+        last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+        chosen = logits[torch.arange(len(rows), device=logits.device), last].argmax(-1).tolist()
+        rows = [r if d else (*r, t) for r, d, t in zip(rows, done, chosen)]
+        done = [d or t == eos_id for d, t in zip(done, chosen)]
+    return rows
+
+
+def subject_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
+                        subjects: Sequence[str]) -> list[tuple[int, ...]]:
+    """The subject anchors of ``subjects``: every template filled with each subject, continued by
+    the model's greedy tokens."""
+    prompts = [tuple(tokenizer(t.format(subject=s))["input_ids"]) for s in subjects for t in SUBJECT_TEMPLATES]
+    return greedy_extend(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
+
+
+def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
+                    requests: Sequence[EditRequest], independent: bool) -> list[AnchorTeacher]:
+    """The anchors of one edit call with the model as it is before the edit.
+
+    ``general``: one set shared by every request. ``subject``: for an independent plan one set per
+    request (its own subject's anchors), else one set with every request's subject anchors.
+    """
+    if kind not in LOCALITY_ANCHOR_KINDS:
+        raise ValueError(f"unknown anchor kind {kind!r}; choose from {list(LOCALITY_ANCHOR_KINDS)}")
+    if kind == "general":
+        return [anchor_teacher(model, tokenizer, pad_id)]
+    groups = [[r] for r in requests] if independent else [list(requests)]
+    teachers = []
+    for group in groups:
+        subjects = [r.subject for r in group if r.subject]
+        if not subjects:
+            teachers.append(anchor_teacher(model, tokenizer, pad_id))
+            continue
+        teachers.append(teacher_from_rows(model, subject_anchor_rows(model, tokenizer, pad_id, subjects), pad_id))
+    return teachers
+
+
+def choose_each(teachers: Sequence[AnchorTeacher], count: int, seed: int, step: int) -> list[list[int]]:
+    """The anchors step ``step`` uses in each owner's set."""
+    return [t.choose(count, seed, step) for t in teachers]
+
+
+def anchor_rows(teachers: Sequence[AnchorTeacher], chosen: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Owner k's chosen anchor rows, for every owner in turn (owner k's set is ``teachers[k]``)."""
+    return [t.rows[j] for t, mine in zip(teachers, chosen) for j in mine]
+
+
+def anchor_kl_from_logits(teachers: Sequence[AnchorTeacher], chosen: Sequence[Sequence[int]],
                           logits: torch.Tensor) -> torch.Tensor:
     """``KL(p0 || q)`` averaged over each owner's chosen anchors' positions, from the edited model's
     logits on :func:`anchor_rows` (right-padded, one row each): [owners]."""
-    rows = anchor_rows(teacher, chosen, owners)
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    terms = []
-    for r, row in enumerate(rows):
-        log_q = F.log_softmax(logits[r, : len(row) - 1].to(dtype), dim=-1)
-        log_p = teacher.log_probs[chosen[r % len(chosen)]]
-        terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    return torch.stack(terms).view(owners, len(chosen)).mean(dim=1)
+    per_owner, r = [], 0
+    for teacher, mine in zip(teachers, chosen):
+        terms = []
+        for j in mine:
+            row = teacher.rows[j]
+            log_q = F.log_softmax(logits[r, : len(row) - 1].to(dtype), dim=-1)
+            log_p = teacher.log_probs[j]
+            terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+            r += 1
+        per_owner.append(torch.stack(terms).mean())
+    return torch.stack(per_owner)

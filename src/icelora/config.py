@@ -14,6 +14,7 @@ from icelora.errors import InvalidConfigError
 
 OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
 PARAMETERIZATIONS = ("lora", "full")
+LOCALITY_ANCHOR_KINDS = ("general", "subject")
 #: float16 is left out: its gradients need loss scaling, which the editing loop does not do.
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
@@ -31,8 +32,10 @@ class EditConfig:
     clamp: for ``full``, keep every trained element within ``theta0 +- clamp`` (``None``: no clamp).
     num_contexts / samples_per_context / completion_length / temperature: the ICE sampling of
         self-induced completions ``x_c`` from the context-conditioned model.
-    lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many unrelated
-        anchor texts per step (:mod:`icelora.anchors`); 0 turns it off.
+    lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many anchor
+        texts per step (:mod:`icelora.anchors`); 0 turns it off.
+    locality_anchor_kind: ``general`` (fixed unrelated texts) or ``subject`` (prompts about each
+        request's subject, continued by the unedited model's greedy tokens).
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
@@ -60,6 +63,7 @@ class EditConfig:
     context_template: str = "{context} {prompt}"
     lambda_locality: float = 0.0
     locality_anchors: int = 4
+    locality_anchor_kind: str = "general"
     autocast_dtype: str | None = None
     early_stopping: bool = False
     early_stop_patience: int = 2
@@ -109,6 +113,9 @@ class EditConfig:
             raise InvalidConfigError(
                 f"target_modules {self.target_modules!r} must be a non-empty subset of {list(MODULE_ROLES)}"
             )
+        if self.locality_anchor_kind not in LOCALITY_ANCHOR_KINDS:
+            raise InvalidConfigError(f"locality_anchor_kind must be one of {list(LOCALITY_ANCHOR_KINDS)}, "
+                                     f"got {self.locality_anchor_kind!r}")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

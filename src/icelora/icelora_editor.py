@@ -18,7 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
-from icelora.anchors import AnchorTeacher, anchor_teacher
+from icelora.anchors import AnchorTeacher, anchor_teachers
 from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
@@ -30,7 +30,7 @@ from icelora.config import EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.lora_utils import ADAPTER_NAME
-from icelora.losses import Objective, build_plan
+from icelora.losses import EditPlan, Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
 from icelora.parameterization import LoraParameterization, make_parameterization
@@ -175,7 +175,7 @@ class ICELoRAEditor:
     def _train(self, batch: list[EditRequest], progress: bool) -> tuple[list[StepRecord], float]:
         """Run the editing loop on the live parameters; (step history, seconds)."""
         plan = build_plan(self.tokenizer, batch, self.config)
-        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teacher(plan.pad_id))
+        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
         history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
@@ -231,7 +231,7 @@ class ICELoRAEditor:
     def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
-        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teacher(plan.pad_id))
+        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
         start = time.perf_counter()
         histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
                                               objective, len(batch), self.config, progress=progress)
@@ -254,13 +254,14 @@ class ICELoRAEditor:
                 seconds.append(took)
         return histories, seconds
 
-    def anchor_teacher(self, pad_id: int) -> AnchorTeacher | None:
-        """The unedited model's distributions on the locality anchors (``None`` when
-        ``lambda_locality`` is 0)."""
+    def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
+        """The unedited model's distributions on the locality anchors of ``plan``'s requests
+        (``None`` when ``lambda_locality`` is 0)."""
         if not self.config.lambda_locality:
             return None
         with self.unedited(), autocast(self.model, self.config):  # as the student will see them
-            return anchor_teacher(self.model, self.tokenizer, pad_id)
+            return anchor_teachers(self.model, self.tokenizer, plan.pad_id, self.config.locality_anchor_kind,
+                                   plan.requests, plan.independent)
 
     def revert(self) -> None:
         """Undo every edit: the model is exactly the unedited one again."""

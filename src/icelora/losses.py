@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from icelora.anchors import AnchorTeacher, anchor_kl_from_logits, anchor_rows
+from icelora.anchors import AnchorTeacher, anchor_kl_from_logits, anchor_rows, choose_each
 from icelora.config import EditConfig
 from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
@@ -480,16 +480,19 @@ class Objective:
     Each step's randomness depends on (seed, step) only, so a resumed run repeats it exactly; in an
     independent plan every request has its own generator with that seed, so an edit trained beside
     others draws what it would draw alone. ``anchors`` (needed when ``lambda_locality > 0``): the
-    pre-edit model's distributions on the locality anchors (:mod:`icelora.anchors`).
+    pre-edit model's distributions on the locality anchors (:mod:`icelora.anchors`), one set shared
+    by every request or, for an independent plan, one set per request.
     """
 
     def __init__(self, plan: EditPlan, config: EditConfig, device: torch.device,
-                 anchors: AnchorTeacher | None = None) -> None:
-        if config.lambda_locality and anchors is None:
+                 anchors: AnchorTeacher | Sequence[AnchorTeacher] | None = None) -> None:
+        if config.lambda_locality and not anchors:
             raise ValueError("lambda_locality > 0 needs the anchors' pre-edit distributions")
         self.plan = plan
         self.config = config
-        self.anchors = anchors
+        self.anchors = [anchors] if isinstance(anchors, AnchorTeacher) else list(anchors or [])
+        if len(self.anchors) > 1 and (not plan.independent or len(self.anchors) != len(plan.requests)):
+            raise ValueError(f"{len(self.anchors)} anchor sets need an independent plan of as many requests")
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
@@ -508,14 +511,15 @@ class Objective:
             generators, rngs = [generators[i] for i in active], [rngs[i] for i in active]
         if not self.config.lambda_locality:
             return self.objective_parts(model, plan, step, generators, rngs, None)
-        # the anchors ride along in the objective's main pass: one copy per independent edit
-        owners = len(plan.requests) if plan.independent else 1
-        chosen = self.anchors.choose(self.config.locality_anchors, self.config.seed, step)
+        # the anchors ride along in the objective's main pass: one set per independent edit
+        owners = list(active if active is not None else range(len(plan.requests))) if plan.independent else [0]
+        teachers = [self.anchors[k] if len(self.anchors) > 1 else self.anchors[0] for k in owners]
+        chosen = choose_each(teachers, self.config.locality_anchors, self.config.seed, step)
         device = next(model.parameters()).device
-        rider = Rider(batch=pad_rows(anchor_rows(self.anchors, chosen, owners), plan.pad_id, device=device),
-                      owners=[k for k in range(owners) for _ in chosen])
+        rider = Rider(batch=pad_rows(anchor_rows(teachers, chosen), plan.pad_id, device=device),
+                      owners=[k for k, mine in enumerate(chosen) for _ in mine])
         parts = self.objective_parts(model, plan, step, generators, rngs, rider)
-        kl = anchor_kl_from_logits(self.anchors, chosen, owners, rider.logits)
+        kl = anchor_kl_from_logits(teachers, chosen, rider.logits)
         return with_locality(parts, plan, kl, self.config.lambda_locality)
 
     def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],

@@ -141,8 +141,12 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
     device = next(editor.model.parameters()).device
     batches = [requests[i: i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     plans = [build_plan(editor.tokenizer, b, edit_config) for b in batches]
-    anchors = editor.anchor_teacher(plans[0].pad_id)
-    objective = CyclingObjective([Objective(plan, edit_config, device, anchors) for plan in plans])
+    if edit_config.locality_anchor_kind == "general":  # one shared set, computed once
+        shared = editor.anchor_teachers(plans[0])
+        anchors = [shared] * len(plans)
+    else:
+        anchors = [editor.anchor_teachers(plan) for plan in plans]
+    objective = CyclingObjective([Objective(plan, edit_config, device, a) for plan, a in zip(plans, anchors)])
     optimizer = make_optimizer(editor.params, edit_config)
     start = 0
     checkpoints = sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
