@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from icelora.evaluation.runner import with_new_config_keys
 from icelora.methods import method_config
 
 METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency_ratio", "exact_match",
@@ -20,10 +21,12 @@ METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency_ratio
 
 
 def changed_keys(run: dict) -> str:
-    """``key=value`` for every configuration key that differs from the method's preset."""
+    """``key=value`` for every configuration key that differs from the method's preset (a key that
+    a run from an older icelora lacks counts at its default, as it ran)."""
     method = run["method"]
     if method == "none":
         return "(unedited)"
+    run = with_new_config_keys(run)
     preset = method_config(method).to_dict()
     diffs = [f"{k}={v}" for k, v in run["config"].items() if preset.get(k) != v]
     return ", ".join(diffs) or "(preset)"

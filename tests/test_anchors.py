@@ -157,3 +157,38 @@ def test_objective_rejects_anchor_sets_that_do_not_fit_the_plan(tiny):
         Objective(joint, config, torch.device("cpu"), sets)
     with pytest.raises(InvalidConfigError, match="locality_anchor_kind"):
         EditConfig(locality_anchor_kind="nearby")
+
+
+@pytest.mark.parametrize("independent", [False, True], ids=["joint", "independent"])
+def test_anchors_in_their_own_pass_give_the_main_pass_loss(tiny, independent):
+    """The anchor rows in a pass of their own (the CPU default) or riding in the main pass (the
+    accelerator default): the same loss, up to rounding."""
+    tiny.model.double()
+    config = EditConfig(num_contexts=2, completion_length=2, seed=3, lambda_locality=2.0, locality_anchors=3,
+                        locality_anchor_kind="subject")
+    editor = ICELoRAEditor(tiny, method="ice-lora", config=config)
+    with torch.no_grad():  # a trained-looking adapter, so that the term is not zero
+        for param in editor.params.named_trainable().values():
+            param.add_(0.05 * torch.randn_like(param))
+    names = editor.params.add_separate_adapters(len(SUBJECT_REQUESTS)) if independent else None
+    plan = build_plan(editor.tokenizer, SUBJECT_REQUESTS, config, independent=independent, adapter_names=names)
+    if independent:  # move each adapter differently
+        with torch.no_grad():
+            for k, name in enumerate(names):
+                for param in editor.params.separate_tensors([name]).values():
+                    param.add_(0.03 * (k + 1) * torch.randn_like(param))
+    with editor.unedited():
+        teachers = anchor_teachers(editor.model, editor.tokenizer, plan.pad_id, "subject", SUBJECT_REQUESTS,
+                                   independent)
+    results = {}
+    for main_pass in (True, False):
+        objective = Objective(plan, config, torch.device("cpu"), teachers)
+        objective.main_pass_anchors = main_pass
+        parts = objective(editor.model, 4)
+        results[main_pass] = (parts.loss.item(), parts.numbers.clone())
+    plain = Objective(plan, config.replace(lambda_locality=0.0), torch.device("cpu"))(editor.model, 4).loss.item()
+    assert results[True][0] - plain > 1e-4  # the term is there
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-9)
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
+    assert Objective(plan, config, torch.device("cpu"), [AnchorTeacher([], [])]).anchors_in_main_pass(
+        torch.device("cpu")) is False

@@ -172,17 +172,22 @@ def test_tuning_table_lists_what_changed_and_the_differences(tmp_path, capsys):
 
     from icelora.methods import method_config
 
-    for name, changes, locality in (("base", {}, 0.5), ("anchored", {"lambda_locality": 1.0}, 0.75)):
+    for name, changes, locality in (("base", {}, 0.5), ("anchored", {"lambda_locality": 1.0}, 0.75),
+                                    ("older", {}, 0.6)):
         folder = tmp_path / name
         folder.mkdir()
         config = method_config("ice-lora", **changes).to_dict()
+        if name == "older":  # a run from before locality_anchor_kind existed: it ran the general anchors
+            del config["locality_anchor_kind"]
         (folder / "metrics.json").write_text(json.dumps({
             "n_cases": 4, "edit_success": 1.0, "locality": locality, "seconds_per_edit": 3.0,
             "run": {"method": "ice-lora", "config": config}}))
-    tuning_table.main([str(tmp_path / "base"), str(tmp_path / "anchored"), "--baseline", str(tmp_path / "base")])
+    folders = [str(tmp_path / n) for n in ("base", "anchored", "older")]
+    tuning_table.main([*folders, "--baseline", str(tmp_path / "base")])
     lines = capsys.readouterr().out.splitlines()
     assert "| base | ice-lora | (preset) | 4 | 1.000 |" in lines[2]
     assert "lambda_locality=1.0" in lines[3] and "0.750 (+0.250)" in lines[3]
+    assert "| older | ice-lora | locality_anchor_kind=general |" in lines[4]
 
 
 def test_compare_runs_only_the_chosen_dataset_and_protocol(tmp_path, capsys, tiny_llama_folder, fixture_data):

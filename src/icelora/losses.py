@@ -493,6 +493,7 @@ class Objective:
         self.anchors = [anchors] if isinstance(anchors, AnchorTeacher) else list(anchors or [])
         if len(self.anchors) > 1 and (not plan.independent or len(self.anchors) != len(plan.requests)):
             raise ValueError(f"{len(self.anchors)} anchor sets need an independent plan of as many requests")
+        self.main_pass_anchors: bool | None = None
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
@@ -511,16 +512,29 @@ class Objective:
             generators, rngs = [generators[i] for i in active], [rngs[i] for i in active]
         if not self.config.lambda_locality:
             return self.objective_parts(model, plan, step, generators, rngs, None)
-        # the anchors ride along in the objective's main pass: one set per independent edit
+        # one set of anchors per independent edit, each row routed to its owner's adapter
         owners = list(active if active is not None else range(len(plan.requests))) if plan.independent else [0]
         teachers = [self.anchors[k] if len(self.anchors) > 1 else self.anchors[0] for k in owners]
         chosen = choose_each(teachers, self.config.locality_anchors, self.config.seed, step)
         device = next(model.parameters()).device
-        rider = Rider(batch=pad_rows(anchor_rows(teachers, chosen), plan.pad_id, device=device),
-                      owners=[k for k, mine in enumerate(chosen) for _ in mine])
-        parts = self.objective_parts(model, plan, step, generators, rngs, rider)
-        kl = anchor_kl_from_logits(teachers, chosen, rider.logits)
+        batch = pad_rows(anchor_rows(teachers, chosen), plan.pad_id, device=device)
+        row_owners = [k for k, mine in enumerate(chosen) for _ in mine]
+        if self.anchors_in_main_pass(device):
+            rider = Rider(batch=batch, owners=row_owners)
+            parts = self.objective_parts(model, plan, step, generators, rngs, rider)
+            logits = rider.logits
+        else:
+            parts = self.objective_parts(model, plan, step, generators, rngs, None)
+            logits = model(**batch.forward_kwargs(), **plan.route(row_owners)).logits
+        kl = anchor_kl_from_logits(teachers, chosen, logits)
         return with_locality(parts, plan, kl, self.config.lambda_locality)
+
+    def anchors_in_main_pass(self, device: torch.device) -> bool:
+        """Whether the anchor rows ride in the objective's main pass (padded to its width) or get a
+        pass of their own (at their own width). ``main_pass_anchors`` decides when set; by default
+        they ride along on accelerators, whose steps are bound by kernel launches, and get their
+        own pass on the CPU, whose steps are bound by arithmetic."""
+        return self.main_pass_anchors if self.main_pass_anchors is not None else device.type != "cpu"
 
     def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],
                         rngs: list[random.Random], rider: Rider | None) -> LossParts:
