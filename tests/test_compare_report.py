@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -98,6 +99,26 @@ def test_report_marks_partial_runs_and_reads_cases(tmp_path, capsys, tiny_llama_
     assert not summary.complete and summary.metrics["n_cases"] == 2
     assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep"), "-q"]) == 0
     assert "| lora (partial) | 2 |" in (tmp_path / "rep" / "evaluation_report.md").read_text()
+
+
+def test_report_compares_a_partial_run_on_the_records_every_run_finished(tmp_path, capsys, tiny_llama_folder,
+                                                                         fixture_data):
+    full = tmp_path / "runs" / "mixed" / "lora"
+    assert main(["eval", "--model", str(tiny_llama_folder), "--method", "lora", "--dataset", str(fixture_data.path),
+                 "--steps", "1", "--output", str(full), "-q"]) == 0
+    capsys.readouterr()
+    cut = tmp_path / "runs" / "mixed" / "lora-cut"
+    shutil.copytree(full, cut)
+    (cut / "metrics.json").unlink()
+    (cut / "cases.jsonl").write_text("\n".join((full / "cases.jsonl").read_text().splitlines()[:2]) + "\n")
+    n_full = len((full / "cases.jsonl").read_text().splitlines())
+    assert n_full > 2
+    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep"), "-q"]) == 0
+    text = (tmp_path / "rep" / "evaluation_report.md").read_text()
+    main_table, shared_table = text.split("metrics on the 2 records every run has finished")[:2]
+    assert f"| lora | {n_full} |" in main_table
+    assert "| lora | 2 |" in shared_table.split("Reproduce")[0]
+    assert "| lora-cut (partial) | 2 |" in shared_table.split("Reproduce")[0]
 
 
 def test_targets_compare_against_other_methods(tmp_path):

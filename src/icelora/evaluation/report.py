@@ -22,6 +22,7 @@ from icelora.evaluation.report_data import (
     example_cases,
     find_run_folders,
     group_runs,
+    on_shared_records,
     read_run,
     table_rows,
 )
@@ -168,6 +169,10 @@ def single_section(writer: ReportWriter, dataset: str, runs: list[RunSummary]) -
     writer.text(f"## Single-edit protocol: `{dataset}`")
     header = ["method"] + [name for _, name, _ in MAIN_COLUMNS]
     writer.table(f"{dataset}: metrics", header, table_rows(runs, MAIN_COLUMNS), runs)
+    shared = on_shared_records(runs) if len(runs) > 1 and not all(r.complete for r in runs) else []
+    if shared and shared[0].cases:
+        writer.table(f"{dataset}: metrics on the {shared[0].metrics.get('n_cases', 0)} records every run has "
+                     "finished", header, table_rows(shared, MAIN_COLUMNS), runs)
     kinds = by_type_columns(runs, "portability_by_type")
     if kinds:
         writer.table(f"{dataset}: portability by type", ["method", *kinds],

@@ -106,6 +106,18 @@ def group_runs(runs: list[RunSummary]) -> dict[tuple[str, str], list[RunSummary]
     return {k: sorted(v, key=method_rank) for k, v in sorted(groups.items())}
 
 
+def on_shared_records(runs: list[RunSummary]) -> list[RunSummary]:
+    """The runs re-aggregated over the records every one of them has finished (by record index),
+    so that a partial run is compared with the others on the same records."""
+    shared = set.intersection(*({c["index"] for c in run.cases} for run in runs)) if runs else set()
+    restricted = []
+    for run in runs:
+        cases = [c for c in run.cases if c["index"] in shared]
+        restricted.append(RunSummary(folder=run.folder, run=run.run, metrics=aggregate(cases) if cases else {},
+                                     cases=cases, complete=run.complete))
+    return restricted
+
+
 def format_value(value: Any, decimals: int) -> str:
     if value is None:
         return "-"
