@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edits", type=int, default=5)
     parser.add_argument("--edits-at-once", type=int, default=1,
                         help="also time each LoRA method with K edits trained together (K > 1)")
+    parser.add_argument("--only-at-once", action="store_true",
+                        help="with --edits-at-once K: time only the rows of K edits trained together")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="dtype of the weights (float32, bfloat16)")
     parser.add_argument("--autocast", default=None, choices=["bfloat16"],
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             raise IceloraError(f"unknown shape {args.shape!r}; choose from {list(SHAPES)}")
         if args.edits_at_once < 1:
             raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
+        if args.only_at_once and args.edits_at_once == 1:
+            raise IceloraError("--only-at-once needs --edits-at-once K with K > 1")
         requests = benchmark_requests(args.edits)
         tokenizer = load_tokenizer(args.tokenizer) if args.shape else None
         overrides = {"autocast_dtype": args.autocast} if args.autocast else {}
@@ -350,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         compute_dtype = AUTOCAST_DTYPES[args.autocast] or dtype  # the dtype the products run in
         rate = matmul_flops_per_second(device, compute_dtype)
         log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rate / 1e9, device, compute_dtype)
-        plan = [(m, k) for m in methods for k in sorted({1, args.edits_at_once}) if k == 1 or METHOD_IS_LORA[m]]
+        sizes = [args.edits_at_once] if args.only_at_once else sorted({1, args.edits_at_once})
+        plan = [(m, k) for m in methods for k in sizes if k == 1 or METHOD_IS_LORA[m]]
         report = {"methods": [], "model": f"random {args.shape}" if args.shape else args.model,
                   "device": str(device), "device_name": device_name(device),
                   "dtype": str(dtype).removeprefix("torch."), "autocast": args.autocast, "edits": args.edits,

@@ -32,10 +32,18 @@ def test_table_and_json(tiny_llama_folder, tmp_path, capsys):
     assert "ice-lora x2" in capsys.readouterr().out
 
 
+def test_only_the_rows_of_edits_trained_together(tiny_llama_folder, tmp_path):
+    out = tmp_path / "speed.json"
+    assert edit_speed.main(["--model", str(tiny_llama_folder), "--methods", "ice-lora", "--edits", "2",
+                            "--edits-at-once", "2", "--only-at-once", "--json", str(out)]) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["methods"]] == ["ice-lora x2"]
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--methods", "ice,rome"], "unknown method(s) ['rome']"),
     (["--shape", "gpt5"], "unknown shape 'gpt5'"),
     (["--edits", "0"], "--edits must be between 1"),
+    (["--only-at-once"], "--only-at-once needs --edits-at-once K"),
 ])
 def test_bad_input(capsys, argv, message):
     assert edit_speed.main(argv) == 2

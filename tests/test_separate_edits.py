@@ -111,7 +111,9 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
-    rate amplifies float32 rounding on these tiny random models). ``+anchors``: with the locality
+    rate amplifies rounding on these tiny random models: together, rows go through the adapters
+    concatenated (``icelora.row_routing``), whose sums round differently; seen: 6e-10 in an adapter,
+    9e-8 in the logits). ``+anchors``: with the locality
     term, each edit's anchor rows routed to its own adapter; ``+subject-anchors``: each edit with
     anchors about its own subject (the last request has none: it gets the general anchors)."""
     loaded = builder()
@@ -145,9 +147,9 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
             assert together.keys() == tensors.keys()
             for key in tensors:
                 assert together[key].dtype == torch.float64
-                assert (together[key] - tensors[key]).abs().max() < 1e-9, key
+                assert (together[key] - tensors[key]).abs().max() < 1e-8, key
             routed = editor.model(probe, adapter_names=[edits.adapters[k]]).logits
-            assert (routed - logits).abs().max() < 1e-8
+            assert (routed - logits).abs().max() < 1e-6  # adapters' rounding, amplified by the logits
         # unrouted rows see the model as it was
         assert torch.equal(editor.model(probe).logits, held)
         assert edits.results[0].trainable_params == counts[0]

@@ -19,6 +19,7 @@ from icelora.architecture import ArchitectureMap
 from icelora.config import EditConfig
 from icelora.errors import AdapterFolderError
 from icelora.lora_utils import ADAPTER_NAME, attach_lora, build_lora_config, merged_state_dict
+from icelora.row_routing import install_row_routing
 
 FULL_WEIGHTS_FILE = "edited_weights.safetensors"
 SEPARATE_PREFIX = "edit_"
@@ -89,12 +90,14 @@ class LoraParameterization(Parameterization):
     # -- separate adapters for independent edits --------------------------------------------------
     def add_separate_adapters(self, count: int) -> list[str]:
         """Add ``count`` adapters beside the main one, each starting from the main adapter's initial
-        values, with trainable tensors. Rows reach them through PEFT's ``adapter_names`` routing;
-        the main adapter stays the active one."""
+        values, with trainable tensors. Rows reach them through PEFT's ``adapter_names`` routing
+        (computed by :mod:`icelora.row_routing`, which keeps it on the device); the main adapter
+        stays the active one."""
         names = [f"{SEPARATE_PREFIX}{k}" for k in range(count)]
         with torch.random.fork_rng(devices=[]):  # their random init is overwritten; keep the global RNG as it was
             for name in names:
                 self.model.add_adapter(name, copy.deepcopy(self.lora_config))
+        install_row_routing(self.model)
         with torch.no_grad():
             for name in names:
                 for key, param in self.separate_tensors([name]).items():
