@@ -26,6 +26,7 @@ run() {  # name, limit in seconds, edit_speed arguments...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 run gpt2-xl-bf16 240 --shape gpt2-xl --dtype bfloat16 --methods ice-lora,ice --edits 8 --edits-at-once 8
 run gpt2-xl-bf16-warmup 180 --shape gpt2-xl --dtype bfloat16 --methods ice-lora --edits 8 --edits-at-once 8 --warmup
+run gpt2-xl-bf16-warmup-x32 200 --shape gpt2-xl --dtype bfloat16 --methods ice-lora --edits 32 --edits-at-once 32 --warmup --only-at-once
 run gpt2-xl-fp32 180 --shape gpt2-xl --dtype float32 --methods ice-lora,ice --edits 3
 run gpt2-xl-fp32-autocast 120 --shape gpt2-xl --dtype float32 --autocast bfloat16 --methods ice-lora --edits 3
 run gpt2-medium-bf16 150 --shape gpt2-medium --dtype bfloat16 --methods ice,ice-lora --edits 3

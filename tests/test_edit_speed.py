@@ -74,3 +74,22 @@ def test_random_shape_with_autocast(tiny_llama_folder, tmp_path, monkeypatch):
 def test_a_missing_tokenizer_folder_is_named(tmp_path, capsys):
     assert edit_speed.main(["--shape", "gpt2-medium", "--tokenizer", str(tmp_path / "nowhere")]) == 2
     assert "no tokenizer in" in capsys.readouterr().err
+
+
+def test_profile_of_one_edit_names_its_phases(tiny_llama_folder, tmp_path, capsys):
+    import profile_edit
+
+    trace = tmp_path / "trace.json"
+    assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "ice-lora", "--steps", "2", "--rows", "5",
+                              "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "ms per step" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("phase"))
+    phases = {line.split()[0]: float(line.split()[1]) for line in lines[header + 1: header + 5]}
+    assert set(phases) == {"objective", "sampling", "backward", "optimizer"}
+    assert all(ms > 0 for ms in phases.values()) and phases["sampling"] <= phases["objective"]
+    assert json.loads(trace.read_text())["traceEvents"]
+    import icelora.losses
+    assert not hasattr(icelora.losses.Objective.__call__, "__wrapped__")  # the ranges are taken out again
+    assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "nope"]) == 2

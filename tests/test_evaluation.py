@@ -122,6 +122,21 @@ def test_resume_equals_uninterrupted(tmp_path, fixture_data, monkeypatch):
         run_single(make(), "ice-lora", fixture_data, tmp_path / "resumed", seed=1, resume=True)
 
 
+def test_replay_keys_matter_for_resuming_only_where_edits_accumulate(tmp_path, fixture_data):
+    def make(replay_edits: int, learning_rate: float = 1e-2):
+        return ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=2, learning_rate=learning_rate,
+                             replay_edits=replay_edits)
+
+    single = run_single(make(0), "lora", fixture_data, tmp_path / "single", seed=0, resume=False)
+    again = run_single(make(4), "lora", fixture_data, tmp_path / "single", seed=0, resume=True)  # inert there
+    assert again["n_cases"] == single["n_cases"]
+    with pytest.raises(RunFolderError, match="differs"):
+        run_single(make(4, learning_rate=2e-2), "lora", fixture_data, tmp_path / "single", seed=0, resume=True)
+    run_sequential(make(0), fixture_data, tmp_path / "seq", seed=0, resume=False, eval_every=None)
+    with pytest.raises(RunFolderError, match="differs"):
+        run_sequential(make(4), fixture_data, tmp_path / "seq", seed=0, resume=True, eval_every=None)
+
+
 def test_metrics_file_has_every_key(tmp_path, fixture_data):
     editor = ICELoRAEditor(tiny_gpt2(), method="ice-lora", max_steps=2)
     run_single(editor, "ice-lora", fixture_data, tmp_path / "run", seed=0, resume=False)
@@ -146,6 +161,12 @@ def test_sequential_keeps_earlier_edits_and_resumes(tmp_path, fixture_data):
     assert [c["n_edits"] for c in curve] == [2, 3]
     again = run_sequential(make(), fixture_data, tmp_path / "seq", seed=0, resume=True, eval_every=2)
     assert {k: again[k] for k in STABLE_KEYS} == {k: metrics[k] for k in STABLE_KEYS}
+    assert all(e["peak_memory_mb"] > 0 for e in read_cases(tmp_path / "seq" / "edits.jsonl"))
+    # re-reading a finished run keeps the peak it was measured at, even one above this process's
+    written = json.loads((tmp_path / "seq" / "metrics.json").read_text())
+    (tmp_path / "seq" / "metrics.json").write_text(json.dumps({**written, "peak_memory_mb": 1e7}))
+    third = run_sequential(make(), fixture_data, tmp_path / "seq", seed=0, resume=True, eval_every=2)
+    assert third["peak_memory_mb"] == 1e7
 
 
 def test_a_run_from_before_a_config_key_existed_resumes(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icelora import ICELoRAEditor
-from icelora.row_routing import row_mask
+from icelora.row_routing import install_row_routing, row_mask
 from tests.conftest import tiny_gpt2, tiny_llama
 from tests.test_host_reads import HostReads
 
@@ -47,6 +47,7 @@ def test_routed_rows_equal_peft_routing_in_outputs_and_gradients(builder):
     batch = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
     layers = _routed_layers(editor)
     assert layers, "separate adapters did not install the row routing"
+    assert install_row_routing(editor.model) == 0  # installing again routes no layer twice
     ours = _logits_and_grads(editor, names, batch)
     for module in layers:  # back to PEFT's own list-indexed routing
         del module._mixed_batch_forward

@@ -107,3 +107,33 @@ def test_sequential_training_and_checkpoint_eval(setup, capsys):
                  "--output", str(tmp_path / "wrong"), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "holds an edit of another model" in err
+
+
+def test_sequential_training_resumes_exactly_with_replay(setup, monkeypatch):
+    """A resumed sequential run replays the edits made before the interruption, as the
+    uninterrupted run does (``ice-lora`` replays earlier edits)."""
+    from icelora.icelora_editor import ICELoRAEditor
+
+    tmp_path, folders, data = setup
+    config = read_train_config(write_config(tmp_path, folders["gpt2"], data, protocol="sequential", max_steps=3))
+    assert config.validate().replay_edits > 0
+    train(config, tmp_path / "full")
+    final = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+
+    real_edit, calls = ICELoRAEditor.edit, {"n": 0}
+
+    def dying_edit(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_edit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ICELoRAEditor, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed")
+    monkeypatch.setattr(ICELoRAEditor, "edit", real_edit)
+    train(config, tmp_path / "resumed", resume=True)
+    resumed = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    assert resumed.keys() == final.keys()
+    for key, value in final.items():
+        assert (resumed[key] == value).all(), key

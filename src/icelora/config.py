@@ -39,6 +39,9 @@ class EditConfig:
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
+    replay_edits / lambda_replay: sequential editing: each step of a new edit also minimises, with
+        weight ``lambda_replay``, the target cross-entropy of ``replay_edits`` earlier edits of the
+        editor's ledger, drawn afresh every step (:mod:`icelora.replay`); 0 turns it off.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
         ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).
@@ -65,6 +68,8 @@ class EditConfig:
     locality_anchors: int = 4
     locality_anchor_kind: str = "general"
     autocast_dtype: str | None = None
+    replay_edits: int = 0
+    lambda_replay: float = 1.0
     early_stopping: bool = False
     early_stop_patience: int = 2
     early_stop_tolerance: float = 0.05
@@ -95,7 +100,9 @@ class EditConfig:
         if not isinstance(self.early_stop_patience, int) or isinstance(self.early_stop_patience, bool) \
                 or self.early_stop_patience < 0:
             raise InvalidConfigError(f"early_stop_patience must be an integer >= 0, got {self.early_stop_patience!r}")
-        non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance", "lambda_locality")
+        if not isinstance(self.replay_edits, int) or isinstance(self.replay_edits, bool) or self.replay_edits < 0:
+            raise InvalidConfigError(f"replay_edits must be an integer >= 0, got {self.replay_edits!r}")
+        non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance", "lambda_locality", "lambda_replay")
         for name in non_negative:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +30,11 @@ from icelora.config import EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.lora_utils import ADAPTER_NAME
-from icelora.losses import EditPlan, Objective, build_plan
+from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
 from icelora.parameterization import LoraParameterization, make_parameterization
+from icelora.replay import ReplayObjective, replayed_requests
 from icelora.request import EditRequest
 from icelora.tokenization import check_encodable, pad_rows
 
@@ -172,10 +173,16 @@ class ICELoRAEditor:
                           trainable_params=trainable, total_params=total,
                           stopped_early=len(history) < self.config.max_steps, history=history)
 
-    def _train(self, batch: list[EditRequest], progress: bool) -> tuple[list[StepRecord], float]:
-        """Run the editing loop on the live parameters; (step history, seconds)."""
+    def _train(self, batch: list[EditRequest], progress: bool, replay: bool = True
+               ) -> tuple[list[StepRecord], float]:
+        """Run the editing loop on the live parameters; (step history, seconds). ``replay``: rehearse
+        the ledger's earlier edits (when ``replay_edits > 0``)."""
         plan = build_plan(self.tokenizer, batch, self.config)
-        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        objective: Callable[[torch.nn.Module, int], LossParts] = Objective(
+            plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        earlier = replayed_requests(self.ledger, batch) if replay and self.config.replay_edits else []
+        if earlier:
+            objective = ReplayObjective(objective, build_plan(self.tokenizer, earlier, self.config), self.config)
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
         history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
@@ -244,7 +251,7 @@ class ICELoRAEditor:
         histories, seconds = [], []
         with self.unedited():
             for request, name, group in zip(batch, names, tensors):
-                history, took = self._train([request], progress)
+                history, took = self._train([request], progress, replay=False)  # each from the unedited model
                 live = self.params.named_trainable()
                 with torch.no_grad():
                     for key, param in group.items():

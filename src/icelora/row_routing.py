@@ -30,7 +30,6 @@ from torch import nn
 
 #: Keyword arguments PEFT passes for adapter variants; a plain LoRA ignores them.
 _VARIANT_KWARGS = tuple(getattr(peft_lora_layer, "VARIANT_KWARG_KEYS", ("alora_offsets",)))
-_ROUTED = "_icelora_row_routed"
 
 
 @lru_cache(maxsize=128)
@@ -82,8 +81,8 @@ def install_row_routing(model: nn.Module) -> int:
     :func:`routed_mixed_batch_forward` (idempotent); returns the number of layers routed."""
     count = 0
     for module in model.modules():
-        if isinstance(module, peft_lora_layer.Linear) and not getattr(module, _ROUTED, False):
+        # the instance attribute set here (PEFT's method lives on the class) marks a routed layer
+        if isinstance(module, peft_lora_layer.Linear) and "_mixed_batch_forward" not in vars(module):
             module._mixed_batch_forward = MethodType(routed_mixed_batch_forward, module)
-            setattr(module, _ROUTED, True)
             count += 1
     return count

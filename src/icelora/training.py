@@ -176,6 +176,7 @@ def _train_sequential(editor: ICELoRAEditor, requests: list, indices: list[int],
     done = {e["index"] for e in log_file.entries()} if resume else set()
     if done:
         editor.params.load(output)
+        editor.ledger = [r for i, r in zip(indices, requests) if i in done]  # what replay draws from
     for index, request in zip(indices, requests):
         if index in done:
             continue

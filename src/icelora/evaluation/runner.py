@@ -41,6 +41,7 @@ from icelora.evaluation.metrics import (
     sample_texts,
 )
 from icelora.icelora_editor import EditResult, ICELoRAEditor
+from icelora.replay import SEQUENTIAL_ONLY_KEYS
 from icelora.text import starts_with_target
 from icelora.tokenization import encode_prompt_target
 
@@ -265,6 +266,16 @@ def with_new_config_keys(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "config": {**{k: v for k, v in defaults.items() if k not in config}, **config}}
 
 
+def resumable_part(run: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a run to be resumed: the ``run`` object without its volatile keys and,
+    outside the sequential protocol, without the configuration keys that act only there (replay
+    of earlier edits: every other protocol edits each record from the unedited model)."""
+    stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
+    if stable.get("protocol") != "sequential" and isinstance(stable.get("config"), dict):
+        stable["config"] = {k: v for k, v in stable["config"].items() if k not in SEQUENTIAL_ONLY_KEYS}
+    return stable
+
+
 class BenchmarkRun:
     """An output folder: ``run.json`` (what was asked), ``cases.jsonl`` (appended), ``metrics.json``."""
 
@@ -280,8 +291,7 @@ class BenchmarkRun:
                                      "or choose another --output")
             if run_path.exists():
                 previous = with_new_config_keys(json.loads(run_path.read_text()))
-                stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
-                before = {k: v for k, v in previous.items() if k not in VOLATILE_RUN_KEYS}
+                stable, before = resumable_part(run), resumable_part(previous)
                 if stable != before:
                     changed = sorted(k for k in set(stable) | set(before) if stable.get(k) != before.get(k))
                     raise RunFolderError(f"{folder}: cannot resume, the run differs in {changed}")
@@ -392,6 +402,17 @@ def run_peak_memory(cases: list[dict[str, Any]], device: torch.device) -> float:
     return max([round(peak_memory_mb(device), 1), *recorded])
 
 
+def previous_peak(folder: Path) -> list[dict[str, Any]]:
+    """The peak memory an earlier process wrote into ``folder``'s metrics file, as a one-entry list
+    for :func:`run_peak_memory` (empty when there is none)."""
+    path = folder / METRICS_FILE
+    try:
+        value = json.loads(path.read_text()).get("peak_memory_mb") if path.exists() else None
+    except json.JSONDecodeError:
+        value = None
+    return [] if value is None else [{"peak_memory_mb": value}]
+
+
 def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
                    checkpoint: Path) -> dict[str, Any]:
     """Evaluate the edit the editor holds (loaded from ``checkpoint``) on every record."""
@@ -418,6 +439,7 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     device = next(editor.model.parameters()).device
     edits_path, curve_path, state = output / "edits.jsonl", output / CURVE_FILE, output / "state"
     edits = read_cases(edits_path)
+    earlier_peak = previous_peak(output)  # a finished run re-read keeps the peak it was measured at
     if edits and state.exists():
         editor.params.load(state)
         editor.ledger = [r.request for r in dataset.records if r.index in {e["index"] for e in edits}]
@@ -431,7 +453,8 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
         if record.index not in done:
             result = editor.edit(record.request, progress=False)
             editor.save(state)
-            entry = {"index": record.index, "steps": result.steps, "seconds": result.seconds}
+            entry = {"index": record.index, "steps": result.steps, "seconds": result.seconds,
+                     "peak_memory_mb": round(peak_memory_mb(device), 1)}
             with open(edits_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
             edits.append(entry)
@@ -444,7 +467,8 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     for case in evaluate_fixed(editor, final, baselines, seed, desc="final eval"):
         case.update(steps=by_index[case["index"]]["steps"], seconds=by_index[case["index"]]["seconds"])
         bench.add(case)
-    metrics = bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped,
+    peak = run_peak_memory([*bench.cases, *edits, *earlier_peak], device)
+    metrics = bench.finish({"peak_memory_mb": peak, "skipped": dataset.skipped,
                             "trainable_params": editor.parameter_counts()[0]})
     if len(records) not in curve_done:
         with open(curve_path, "a", encoding="utf-8") as handle:

@@ -1,0 +1,157 @@
+"""Where one edit's time goes: torch.profiler over an edit, by phase and by operator.
+
+    python benchmarks/profile_edit.py --shape gpt2-xl --device cuda --dtype bfloat16 --tokenizer DIR
+    python benchmarks/profile_edit.py --model smollm2-135m --method ice-lora
+
+The edit runs once untimed (first-call costs), then once under the profiler. Printed: the wall time
+and steps; each phase of the steps (the objective's passes, of which the sampling; the backward
+pass; the optimizer) with its host time and, on CUDA, the device time of the kernels it launched
+(the backward pass's kernels are launched by autograd's own thread, outside its range); the device's
+busy fraction (kernel time over wall time: far under 1 means the host, not the arithmetic, sets
+the pace) and the number of kernel launches per step; then the operators with the most host time
+and, on CUDA, the most device time. ``--trace FILE`` also writes a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from edit_speed import SHAPES, benchmark_requests, load_tokenizer, random_model
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import icelora.losses
+from icelora import ICELoRAEditor, load_model
+from icelora.errors import IceloraError
+from icelora.methods import METHODS
+from icelora.models import EMBEDDED_MODEL
+
+log = logging.getLogger("profile_edit")
+
+#: Host calls that launch a kernel.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+#: Profiler ranges opened around these functions (module, attribute, range name).
+PHASES = (
+    (icelora.losses.Objective, "__call__", "objective"),
+    (icelora.losses, "sample_from_batch", "sampling"),
+    (torch.Tensor, "backward", "backward"),
+    (torch.optim.Adam, "step", "optimizer"),
+)
+
+
+def _ranged(function: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def phase_ranges() -> Iterator[None]:
+    """Open a named profiler range around each phase's function while the block runs."""
+    saved = []
+    for owner, attribute, name in PHASES:
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, _ranged(original, name))
+        saved.append((owner, attribute, original))
+    try:
+        yield
+    finally:
+        for owner, attribute, original in reversed(saved):
+            setattr(owner, attribute, original)
+
+
+def device_time_us(event: Any) -> float:
+    """Device (kernel) time of a profiler event average, in microseconds (0 on the CPU)."""
+    for name in ("device_time_total", "cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def self_device_time_us(event: Any) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or folder (trained weights)")
+    parser.add_argument("--shape", default=None, help=f"a randomly initialised model instead: {', '.join(SHAPES)}")
+    parser.add_argument("--method", default="ice-lora")
+    parser.add_argument("--edit", type=int, default=0, help="which benchmark edit (0-based)")
+    parser.add_argument("--steps", type=int, default=None, help="cap the edit at this many steps")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tokenizer", default=None, help="with --shape: a folder holding the tokenizer")
+    parser.add_argument("--rows", type=int, default=20, help="operators listed per table")
+    parser.add_argument("--trace", default=None, help="write a Chrome trace to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    try:
+        if args.method not in METHODS:
+            raise IceloraError(f"unknown method {args.method!r}; choose from {list(METHODS)}")
+        if args.shape is not None and args.shape not in SHAPES:
+            raise IceloraError(f"unknown shape {args.shape!r}; choose from {list(SHAPES)}")
+        request = benchmark_requests(args.edit + 1)[args.edit]
+        if args.shape:
+            loaded = random_model(args.shape, args.device, args.dtype, load_tokenizer(args.tokenizer))
+        else:
+            loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    except IceloraError as exc:
+        print(f"profile_edit: {exc}", file=sys.stderr)
+        return 2
+    editor = ICELoRAEditor(loaded, method=args.method, max_steps=args.steps)
+    device = next(editor.model.parameters()).device
+    cuda = device.type == "cuda"
+    editor.edit(request, progress=False)  # untimed: first-call costs
+    editor.revert()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with phase_ranges(), profile(activities=activities) as prof:
+        start = time.perf_counter()
+        result = editor.edit(request, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    editor.revert()
+    events = prof.key_averages()
+    steps = max(result.steps, 1)
+    print(f"{args.method} on {args.shape or args.model} ({device}, {next(editor.model.parameters()).dtype}): "
+          f"{wall:.3f} s under the profiler, {result.steps} steps, {wall / steps * 1e3:.1f} ms per step")
+    print(f"{'phase':<12} {'host ms/step':>13} {'device ms/step':>15}")
+    host_side = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    by_name = {e.key: e for e in host_side}  # a range also has a device-side twin of the same name
+    for _, _, name in PHASES:
+        event = by_name.get(name)
+        if event is not None:
+            host, on_device = event.cpu_time_total / 1e3 / steps, device_time_us(event) / 1e3 / steps
+            print(f"{name:<12} {host:>13.1f} {on_device:>15.1f}")
+    if cuda:
+        busy = sum(self_device_time_us(e) for e in host_side) / 1e6  # each kernel counted under its launcher
+        launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
+        print(f"device busy {busy:.3f} s of {wall:.3f} s ({busy / wall:.0%}); {launches / steps:.0f} kernel launches "
+              "per step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if cuda:
+        ranked = sorted(events, key=self_device_time_us, reverse=True)[: args.rows]
+        print(f"{'operator':<60} {'calls':>7} {'device ms':>10}")
+        for event in ranked:
+            print(f"{event.key[:60]:<60} {event.count:>7} {self_device_time_us(event) / 1e3:>10.2f}")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
