@@ -33,8 +33,6 @@ from icelora.errors import IceloraError
 from icelora.methods import METHODS
 from icelora.models import EMBEDDED_MODEL
 
-log = logging.getLogger("profile_edit")
-
 #: Host calls that launch a kernel.
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
@@ -70,16 +68,11 @@ def phase_ranges() -> Iterator[None]:
             setattr(owner, attribute, original)
 
 
-def device_time_us(event: Any) -> float:
-    """Device (kernel) time of a profiler event average, in microseconds (0 on the CPU)."""
-    for name in ("device_time_total", "cuda_time_total"):
-        if hasattr(event, name):
-            return float(getattr(event, name))
-    return 0.0
-
-
-def self_device_time_us(event: Any) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
+def device_time_us(event: Any, self_only: bool = False) -> float:
+    """Device (kernel) time of a profiler event average in microseconds, all of it or its own
+    (``self_only``); 0 on the CPU. torch renamed ``cuda_time`` to ``device_time``: either is read."""
+    prefix = "self_" if self_only else ""
+    for name in (f"{prefix}device_time_total", f"{prefix}cuda_time_total"):
         if hasattr(event, name):
             return float(getattr(event, name))
     return 0.0
@@ -138,16 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             host, on_device = event.cpu_time_total / 1e3 / steps, device_time_us(event) / 1e3 / steps
             print(f"{name:<12} {host:>13.1f} {on_device:>15.1f}")
     if cuda:
-        busy = sum(self_device_time_us(e) for e in host_side) / 1e6  # each kernel counted under its launcher
+        busy = sum(device_time_us(e, self_only=True) for e in host_side) / 1e6  # each kernel counted under its launcher
         launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
         print(f"device busy {busy:.3f} s of {wall:.3f} s ({busy / wall:.0%}); {launches / steps:.0f} kernel launches "
               "per step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if cuda:
-        ranked = sorted(events, key=self_device_time_us, reverse=True)[: args.rows]
+        ranked = sorted(events, key=lambda e: device_time_us(e, self_only=True), reverse=True)[: args.rows]
         print(f"{'operator':<60} {'calls':>7} {'device ms':>10}")
         for event in ranked:
-            print(f"{event.key[:60]:<60} {event.count:>7} {self_device_time_us(event) / 1e3:>10.2f}")
+            print(f"{event.key[:60]:<60} {event.count:>7} {device_time_us(event, self_only=True) / 1e3:>10.2f}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
     return 0

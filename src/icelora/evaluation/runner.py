@@ -295,8 +295,17 @@ class BenchmarkRun:
                 if stable != before:
                     changed = sorted(k for k in set(stable) | set(before) if stable.get(k) != before.get(k))
                     raise RunFolderError(f"{folder}: cannot resume, the run differs in {changed}")
+        self.earlier_peak = self._written_peak() if resume else None
         run_path.write_text(json.dumps(run, indent=2) + "\n")
         self.cases = read_cases(self.cases_path)
+
+    def _written_peak(self) -> float | None:
+        """The peak memory an earlier process wrote into this folder's metrics file, if any."""
+        path = self.folder / METRICS_FILE
+        try:
+            return json.loads(path.read_text()).get("peak_memory_mb") if path.exists() else None
+        except json.JSONDecodeError:
+            return None
 
     @property
     def done(self) -> set[int]:
@@ -310,8 +319,12 @@ class BenchmarkRun:
         self.cases.append(case)
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write ``metrics.json``: the aggregates plus ``extra``; a resumed run keeps the larger of
+        its earlier and its current peak memory."""
         ordered = sorted(self.cases, key=lambda c: c["index"])
         metrics = {**aggregate(ordered), **extra, "run": self.run}
+        if self.earlier_peak is not None and metrics.get("peak_memory_mb") is not None:
+            metrics["peak_memory_mb"] = max(metrics["peak_memory_mb"], self.earlier_peak)
         (self.folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 
@@ -402,17 +415,6 @@ def run_peak_memory(cases: list[dict[str, Any]], device: torch.device) -> float:
     return max([round(peak_memory_mb(device), 1), *recorded])
 
 
-def previous_peak(folder: Path) -> list[dict[str, Any]]:
-    """The peak memory an earlier process wrote into ``folder``'s metrics file, as a one-entry list
-    for :func:`run_peak_memory` (empty when there is none)."""
-    path = folder / METRICS_FILE
-    try:
-        value = json.loads(path.read_text()).get("peak_memory_mb") if path.exists() else None
-    except json.JSONDecodeError:
-        value = None
-    return [] if value is None else [{"peak_memory_mb": value}]
-
-
 def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
                    checkpoint: Path) -> dict[str, Any]:
     """Evaluate the edit the editor holds (loaded from ``checkpoint``) on every record."""
@@ -439,7 +441,6 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     device = next(editor.model.parameters()).device
     edits_path, curve_path, state = output / "edits.jsonl", output / CURVE_FILE, output / "state"
     edits = read_cases(edits_path)
-    earlier_peak = previous_peak(output)  # a finished run re-read keeps the peak it was measured at
     if edits and state.exists():
         editor.params.load(state)
         editor.ledger = [r.request for r in dataset.records if r.index in {e["index"] for e in edits}]
@@ -467,7 +468,7 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     for case in evaluate_fixed(editor, final, baselines, seed, desc="final eval"):
         case.update(steps=by_index[case["index"]]["steps"], seconds=by_index[case["index"]]["seconds"])
         bench.add(case)
-    peak = run_peak_memory([*bench.cases, *edits, *earlier_peak], device)
+    peak = run_peak_memory([*bench.cases, *edits], device)
     metrics = bench.finish({"peak_memory_mb": peak, "skipped": dataset.skipped,
                             "trainable_params": editor.parameter_counts()[0]})
     if len(records) not in curve_done:
