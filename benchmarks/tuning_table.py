@@ -4,7 +4,8 @@
 
 Each RUN_DIR is an ``icelora eval`` output folder. The "changed" column lists the configuration
 keys that differ from the method's preset in ``icelora.methods`` (so a row says exactly what was
-tried); ``--baseline`` adds each metric's difference from that run.
+tried; outside the sequential protocol the keys that act only there are left out, being inert);
+``--baseline`` adds each metric's difference from that run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from icelora.evaluation.runner import with_new_config_keys
 from icelora.methods import method_config
+from icelora.replay import SEQUENTIAL_ONLY_KEYS
 
 METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency_ratio", "exact_match",
            "seconds_per_edit", "median_steps")
@@ -22,13 +24,15 @@ METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency_ratio
 
 def changed_keys(run: dict) -> str:
     """``key=value`` for every configuration key that differs from the method's preset (a key that
-    a run from an older icelora lacks counts at its default, as it ran)."""
+    a run from an older icelora lacks counts at its default, as it ran; the sequential-only keys
+    count only in sequential runs)."""
     method = run["method"]
     if method == "none":
         return "(unedited)"
     run = with_new_config_keys(run)
     preset = method_config(method).to_dict()
-    diffs = [f"{k}={v}" for k, v in run["config"].items() if preset.get(k) != v]
+    inert = () if run.get("protocol", "single") == "sequential" else SEQUENTIAL_ONLY_KEYS
+    diffs = [f"{k}={v}" for k, v in run["config"].items() if preset.get(k) != v and k not in inert]
     return ", ".join(diffs) or "(preset)"
 
 

@@ -193,8 +193,10 @@ def test_tuning_table_lists_what_changed_and_the_differences(tmp_path, capsys):
 
     from icelora.methods import method_config
 
-    for name, changes, locality in (("base", {}, 0.5), ("anchored", {"lambda_locality": 1.0}, 0.75),
-                                    ("older", {}, 0.6)):
+    runs = (("base", {}, 0.5, "single"), ("anchored", {"lambda_locality": 1.0}, 0.75, "single"),
+            ("older", {}, 0.6, "single"), ("no-replay", {"replay_edits": 0}, 0.7, "single"),
+            ("no-replay-seq", {"replay_edits": 0}, 0.7, "sequential"))
+    for name, changes, locality, protocol in runs:
         folder = tmp_path / name
         folder.mkdir()
         config = method_config("ice-lora", **changes).to_dict()
@@ -202,13 +204,15 @@ def test_tuning_table_lists_what_changed_and_the_differences(tmp_path, capsys):
             del config["locality_anchor_kind"]
         (folder / "metrics.json").write_text(json.dumps({
             "n_cases": 4, "edit_success": 1.0, "locality": locality, "seconds_per_edit": 3.0,
-            "run": {"method": "ice-lora", "config": config}}))
-    folders = [str(tmp_path / n) for n in ("base", "anchored", "older")]
+            "run": {"method": "ice-lora", "protocol": protocol, "config": config}}))
+    folders = [str(tmp_path / r[0]) for r in runs]
     tuning_table.main([*folders, "--baseline", str(tmp_path / "base")])
     lines = capsys.readouterr().out.splitlines()
     assert "| base | ice-lora | (preset) | 4 | 1.000 |" in lines[2]
     assert "lambda_locality=1.0" in lines[3] and "0.750 (+0.250)" in lines[3]
     assert "| older | ice-lora | locality_anchor_kind=general |" in lines[4]
+    assert "| no-replay | ice-lora | (preset) |" in lines[5]                # inert in single-edit runs
+    assert "| no-replay-seq | ice-lora | replay_edits=0 |" in lines[6]
 
 
 def test_compare_runs_only_the_chosen_dataset_and_protocol(tmp_path, capsys, tiny_llama_folder, fixture_data):

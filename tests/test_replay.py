@@ -6,20 +6,28 @@ import pytest
 import torch
 
 from icelora import EditConfig, ICELoRAEditor
+from icelora.anchors import SUBJECT_TEMPLATES, anchor_kl_from_logits, subject_anchor_rows, teacher_from_rows
 from icelora.errors import InvalidConfigError
 from icelora.evaluation.metrics import continuation_nll
 from icelora.losses import Objective, build_plan, ft_loss
-from icelora.replay import ReplayObjective, replayed_indices, replayed_requests
+from icelora.replay import (
+    ReplayAnchors,
+    ReplayObjective,
+    replayed_anchor_rows,
+    replayed_indices,
+    replayed_requests,
+)
 from icelora.request import EditRequest
+from icelora.tokenization import pad_rows
 from tests.conftest import tiny_gpt2
 
 EARLIER = [
-    EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome"),
-    EditRequest(prompt="The mother tongue of Danielle Darrieux is", target="Italian"),
+    EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome", subject="Eiffel Tower"),
+    EditRequest(prompt="The mother tongue of Danielle Darrieux is", target="Italian", subject="Danielle Darrieux"),
     EditRequest(prompt="Which family does Epaspidoceras belong to?", target="Geometridae"),
-    EditRequest(prompt="The place of death of Leo Arons is", target="Paris"),
+    EditRequest(prompt="The place of death of Leo Arons is", target="Paris", subject="Leo Arons"),
 ]
-NEW = EditRequest(prompt="The capital of Italy is", target="Berlin")
+NEW = EditRequest(prompt="The capital of Italy is", target="Berlin", subject="Italy")
 
 
 def test_replayed_indices_are_seeded_draws_without_replacement():
@@ -60,6 +68,8 @@ def test_replay_config_is_checked():
         EditConfig(replay_edits=-1)
     with pytest.raises(InvalidConfigError, match="lambda_replay"):
         EditConfig(lambda_replay=-0.5)
+    with pytest.raises(InvalidConfigError, match="replay_anchors"):
+        EditConfig(replay_anchors=-1)
     with pytest.raises(ValueError, match="replay_edits"):
         ReplayObjective(lambda model, step: None, None, EditConfig())  # type: ignore[arg-type]
 
@@ -98,3 +108,89 @@ def test_edits_each_from_the_unedited_model_do_not_replay_the_ledger():
     assert plain.keys() == with_replay.keys()
     for key, value in plain.items():
         torch.testing.assert_close(with_replay[key], value, rtol=0, atol=0)
+
+
+def test_replayed_anchor_rows_are_seeded_draws_from_each_replayed_edit():
+    rows = [[(1, i) for i in range(8)], [], [(2, i) for i in range(3)], [(3, i) for i in range(8)]]
+    drawn = replayed_anchor_rows(rows, [0, 1, 2, 3], 2, seed=0, step=5)
+    assert len(drawn) == 2 + 0 + 2 + 2 and [r[0] for r in drawn] == [1, 1, 2, 2, 3, 3]
+    assert len(set(drawn)) == len(drawn)
+    assert drawn == replayed_anchor_rows(rows, [0, 1, 2, 3], 2, seed=0, step=5)
+    assert {tuple(replayed_anchor_rows(rows, [0], 2, seed=0, step=s)) for s in range(10)} != {tuple(drawn[:2])}
+    assert replayed_anchor_rows(rows, [2], 5, seed=0, step=0) == rows[2]      # all of an edit with fewer
+
+
+def test_replay_anchors_add_the_locality_term_of_the_replayed_subjects(tiny):
+    config = EditConfig(objective="ft", replay_edits=2, lambda_replay=0.5, lambda_locality=3.0, replay_anchors=2,
+                        seed=1)
+    objective = Objective(build_plan(tiny.tokenizer, [NEW], config), config, torch.device("cpu"),
+                          anchors=teacher_from_rows(tiny.model, [(5, 6, 7, 8)], 0))
+    earlier = build_plan(tiny.tokenizer, EARLIER, config)
+    rows = [[tuple(tiny.tokenizer(f"{r.subject} {t}")["input_ids"]) for t in ("is a", "was born in", "has")]
+            if r.subject else [] for r in EARLIER]
+    torch.manual_seed(123)
+    other = type(tiny.model)(tiny.model.config).eval()   # another model's distributions, so that KL > 0
+    asked = []
+
+    def teacher(chosen_rows):
+        asked.append(list(chosen_rows))
+        return teacher_from_rows(other, chosen_rows, earlier.pad_id)
+
+    replay = ReplayObjective(objective, earlier, config, ReplayAnchors(rows=rows, teacher=teacher))
+    with torch.no_grad():
+        plain, replayed = objective(tiny.model, 4), replay(tiny.model, 4)
+        chosen = replayed_indices(len(EARLIER), 2, seed=1, step=4)
+        drawn = replayed_anchor_rows(rows, chosen, 2, seed=1, step=4)
+        target = ft_loss(tiny.model, earlier.subset(chosen), config, 4).loss
+        logits = tiny.model(**pad_rows(drawn, earlier.pad_id).forward_kwargs()).logits
+        kl = anchor_kl_from_logits([teacher(drawn)], [range(len(drawn))], logits)[0]
+    assert asked[0] == drawn and drawn
+    assert kl > 0
+    torch.testing.assert_close(replayed.loss, plain.loss + 0.5 * target + 3.0 * kl)
+    assert replayed.per_request == plain.per_request
+
+
+def test_the_editor_makes_replay_anchors_with_the_unedited_model(tiny):
+    editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=3, learning_rate=5e-2,
+                           lambda_locality=1.0, locality_anchor_kind="subject", replay_edits=2, replay_anchors=2)
+    plan = build_plan(editor.tokenizer, EARLIER, editor.config)
+    with torch.no_grad():
+        before_rows = [subject_anchor_rows(editor.model, editor.tokenizer, plan.pad_id, [r.subject])
+                       if r.subject else [] for r in EARLIER]
+        before = teacher_from_rows(editor.model, before_rows[0], plan.pad_id)
+    editor.edit(EARLIER[:2], progress=False)
+    edited = {k: v.clone() for k, v in editor.params.named_trainable().items()}
+    anchors = editor.replay_anchors(plan)
+    assert anchors.rows == before_rows and len(anchors.rows[0]) == len(SUBJECT_TEMPLATES)
+    for got, want in zip(anchors.teacher(anchors.rows[0]).log_probs, before.log_probs):
+        torch.testing.assert_close(got, want)
+    for key, value in editor.params.named_trainable().items():               # the edit is back afterwards
+        torch.testing.assert_close(value, edited[key], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for v in edited.values())
+    editor.config = editor.config.replace(replay_anchors=0)
+    assert editor.replay_anchors(plan) is None                                        # off
+
+
+def _earlier_subject_drift(replay_anchors: int) -> float:
+    """Mean KL to the unedited model on the earlier edits' subject anchors after four sequential
+    edits (each with its own subject's locality term, and replay of the earlier targets)."""
+    loaded = tiny_gpt2()
+    editor = ICELoRAEditor(loaded, method="lora", layers=[0, 1, 2], max_steps=12, learning_rate=3e-2,
+                           lambda_locality=1.0, locality_anchor_kind="subject", replay_edits=3,
+                           replay_anchors=replay_anchors)
+    requests = [r for r in EARLIER if r.subject] + [NEW]
+    plan = build_plan(editor.tokenizer, requests[:-1], editor.config)
+    with torch.no_grad():
+        rows = [row for r in requests[:-1]
+                for row in subject_anchor_rows(editor.model, editor.tokenizer, plan.pad_id, [r.subject])]
+        teacher = teacher_from_rows(editor.model, rows, plan.pad_id)
+    for request in requests:
+        editor.edit(request, progress=False)
+    with torch.no_grad():
+        logits = editor.model(**pad_rows(rows, plan.pad_id).forward_kwargs()).logits
+        return anchor_kl_from_logits([teacher], [range(len(rows))], logits)[0].item()
+
+
+def test_replayed_anchors_keep_earlier_subjects_as_they_were():
+    plain, kept = _earlier_subject_drift(0), _earlier_subject_drift(2)
+    assert kept < 0.8 * plain, (kept, plain)   # 1.37 against 2.07 nats

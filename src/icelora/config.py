@@ -42,6 +42,9 @@ class EditConfig:
     replay_edits / lambda_replay: sequential editing: each step of a new edit also minimises, with
         weight ``lambda_replay``, the target cross-entropy of ``replay_edits`` earlier edits of the
         editor's ledger, drawn afresh every step (:mod:`icelora.replay`); 0 turns it off.
+    replay_anchors: with replay and ``lambda_locality > 0``: that many of each replayed edit's
+        subject anchors join the step's locality term (KL to the unedited model, weight
+        ``lambda_locality``), so earlier subjects keep what the model said about them; 0: none.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
         ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).
@@ -70,6 +73,7 @@ class EditConfig:
     autocast_dtype: str | None = None
     replay_edits: int = 0
     lambda_replay: float = 1.0
+    replay_anchors: int = 0
     early_stopping: bool = False
     early_stop_patience: int = 2
     early_stop_tolerance: float = 0.05
@@ -100,8 +104,10 @@ class EditConfig:
         if not isinstance(self.early_stop_patience, int) or isinstance(self.early_stop_patience, bool) \
                 or self.early_stop_patience < 0:
             raise InvalidConfigError(f"early_stop_patience must be an integer >= 0, got {self.early_stop_patience!r}")
-        if not isinstance(self.replay_edits, int) or isinstance(self.replay_edits, bool) or self.replay_edits < 0:
-            raise InvalidConfigError(f"replay_edits must be an integer >= 0, got {self.replay_edits!r}")
+        for name in ("replay_edits", "replay_anchors"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidConfigError(f"{name} must be an integer >= 0, got {value!r}")
         non_negative = ("lambda_ice", "weight_decay", "early_stop_tolerance", "lambda_locality", "lambda_replay")
         for name in non_negative:
             value = getattr(self, name)

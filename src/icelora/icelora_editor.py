@@ -18,7 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
-from icelora.anchors import AnchorTeacher, anchor_teachers
+from icelora.anchors import AnchorTeacher, anchor_teachers, subject_anchor_rows, teacher_from_rows
 from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
@@ -34,7 +34,7 @@ from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
 from icelora.parameterization import LoraParameterization, make_parameterization
-from icelora.replay import ReplayObjective, replayed_requests
+from icelora.replay import AnchorRows, ReplayAnchors, ReplayObjective, replayed_requests
 from icelora.request import EditRequest
 from icelora.tokenization import check_encodable, pad_rows
 
@@ -142,6 +142,7 @@ class ICELoRAEditor:
         self.params = make_parameterization(base, self.architecture, self.config, self.layers)
         self.model = self.params.model
         self.ledger: list[EditRequest] = []
+        self._subject_rows: dict[str, AnchorRows] = {}  # replay anchors, made once per subject
 
     # -- editing -----------------------------------------------------------------------------
     @property
@@ -182,7 +183,8 @@ class ICELoRAEditor:
             plan, self.config, model_device(self.model), self.anchor_teachers(plan))
         earlier = replayed_requests(self.ledger, batch) if replay and self.config.replay_edits else []
         if earlier:
-            objective = ReplayObjective(objective, build_plan(self.tokenizer, earlier, self.config), self.config)
+            replayed = build_plan(self.tokenizer, earlier, self.config)
+            objective = ReplayObjective(objective, replayed, self.config, self.replay_anchors(replayed))
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
         history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
@@ -269,6 +271,27 @@ class ICELoRAEditor:
         with self.unedited(), autocast(self.model, self.config):  # as the student will see them
             return anchor_teachers(self.model, self.tokenizer, plan.pad_id, self.config.locality_anchor_kind,
                                    plan.requests, plan.independent)
+
+    def replay_anchors(self, plan: EditPlan) -> ReplayAnchors | None:
+        """The subject anchors of the earlier edits in ``plan`` and their pre-edit distributions
+        (``None`` unless ``replay_anchors`` and ``lambda_locality`` are on). Each subject's anchor
+        rows are made once, by the unedited model, and kept; the distributions are computed on the
+        rows each step draws."""
+        if not (self.config.replay_anchors and self.config.lambda_locality):
+            return None
+        missing = sorted({r.subject for r in plan.requests if r.subject} - self._subject_rows.keys())
+        if missing:
+            with self.unedited(), autocast(self.model, self.config):
+                for subject in missing:
+                    rows = subject_anchor_rows(self.model, self.tokenizer, plan.pad_id, [subject])
+                    self._subject_rows[subject] = rows
+
+        def teacher(rows: AnchorRows) -> AnchorTeacher:
+            with self.unedited(), autocast(self.model, self.config):  # as the student will see them
+                return teacher_from_rows(self.model, rows, plan.pad_id)
+
+        return ReplayAnchors(rows=[self._subject_rows[r.subject] if r.subject else [] for r in plan.requests],
+                             teacher=teacher)
 
     def revert(self) -> None:
         """Undo every edit: the model is exactly the unedited one again."""
