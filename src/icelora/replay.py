@@ -90,13 +90,15 @@ def replay_term(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     """``lambda_replay`` times the mean target cross-entropy (no context) of the replayed edits
     ``chosen``, plus ``lambda_locality`` times the mean KL on their anchor rows, when given with
     their pre-edit distributions."""
-    if not anchors:
-        return config.lambda_replay * ft_loss(model, plan.subset(chosen), config, step).loss
-    rows, teacher = anchors
-    rider = Rider(batch=pad_rows(rows, plan.pad_id, device=next(model.parameters()).device), owners=[0] * len(rows))
-    target = ft_loss(model, plan.subset(chosen), config, step, rider).loss
-    kl = anchor_kl_from_logits([teacher], [range(len(rows))], rider.logits)[0]
-    return config.lambda_replay * target + config.lambda_locality * kl
+    rider = None
+    if anchors:
+        device = next(model.parameters()).device
+        rider = Rider(batch=pad_rows(anchors[0], plan.pad_id, device=device), owners=[0] * len(anchors[0]))
+    term = config.lambda_replay * ft_loss(model, plan.subset(chosen), config, step, rider).loss
+    if anchors:
+        rows, teacher = anchors
+        term = term + config.lambda_locality * anchor_kl_from_logits([teacher], [range(len(rows))], rider.logits)[0]
+    return term
 
 
 def with_replay(parts: LossParts, term: torch.Tensor) -> LossParts:
