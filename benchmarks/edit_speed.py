@@ -213,10 +213,14 @@ def flops_per_step(editor: ICELoRAEditor, request: EditRequest) -> float:
     """Floating-point operations of one editing step (forward, backward, sampling), counted on an
     untimed edit of ``request``; the model is reverted afterwards."""
     counter = FlopCounterMode(display=False)
+    graphs, editor.cuda_graphs = editor.cuda_graphs, False  # the counter sees no replayed graph
     # the math attention kernel is counted as plain matrix products (the counter's formula for the
     # fused kernels refuses grouped-query shapes)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        result = editor.edit(request, progress=False)
+    try:
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            result = editor.edit(request, progress=False)
+    finally:
+        editor.cuda_graphs = graphs
     editor.revert()
     return counter.get_total_flops() / result.steps
 
@@ -257,10 +261,12 @@ def warm_up(editor: ICELoRAEditor, requests: list[EditRequest], at_once: int) ->
 
 
 def time_method(make: Callable[[], LoadedModel], method: str, requests: list[EditRequest], at_once: int,
-                matmul_rate: float, overrides: dict, warmup: bool = False) -> dict:
+                matmul_rate: float, overrides: dict, warmup: bool = False, cuda_graphs: bool | None = None) -> dict:
     """Edit each request from the unedited model with ``method`` (``at_once`` of them together,
-    each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor."""
+    each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor.
+    ``cuda_graphs``: the editor's setting for replaying ICE's sampling passes from CUDA graphs."""
     editor = ICELoRAEditor(make(), method=method, **overrides)
+    editor.cuda_graphs = cuda_graphs
     device = next(editor.model.parameters()).device
     per_step = flops_per_step(editor, requests[0])
     syncs = syncs_per_step(editor, requests, at_once) if device.type == "cuda" else None
@@ -290,11 +296,15 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
            "trainable_params": trainable, "flops_per_step": per_step,
            "median_floor_seconds": statistics.median(floors),
            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
-           "seconds_per_edit": seconds, "steps": steps, "warmup": warmup, **overrides}
+           "seconds_per_edit": seconds, "steps": steps, "warmup": warmup,
+           "cuda_graphs": {None: "auto", True: "yes", False: "no"}[cuda_graphs], **overrides}
     if syncs is not None:
         row["syncs_per_step"], row["sync_sources"] = round(syncs[0], 1), syncs[1]
     return row
 
+
+#: ``--cuda-graphs`` values and the editor setting each gives.
+CUDA_GRAPHS = {"auto": None, "yes": True, "no": False}
 
 #: Whether each method trains LoRA adapters (only those can train several edits at once).
 METHOD_IS_LORA = {m: method_config(m).parameterization == "lora" for m in METHODS}
@@ -347,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one untimed pass over the same edits before timing them")
     parser.add_argument("--tokenizer", default=None,
                         help="with --shape: a folder holding the tokenizer (default: the embedded model's)")
+    parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS),
+                        help="replay ICE's sampling passes from CUDA graphs (auto: on CUDA)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
@@ -381,12 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         report = {"methods": [], "model": f"random {args.shape}" if args.shape else args.model,
                   "device": str(device), "device_name": device_name(device),
                   "dtype": str(dtype).removeprefix("torch."), "autocast": args.autocast, "edits": args.edits,
+                  "cuda_graphs": args.cuda_graphs,
                   "matmul_gflops": round(rate / 1e9, 1), "torch_threads": torch.get_num_threads(),
                   "command": " ".join(sys.argv)}
         for method, at_once in plan:
             try:
                 report["methods"].append(time_method(make, method, requests, at_once, rate, overrides,
-                                                      args.warmup))
+                                                      args.warmup, CUDA_GRAPHS[args.cuda_graphs]))
             except torch.OutOfMemoryError as exc:
                 label = method if at_once == 1 else f"{method} x{at_once}"
                 report["methods"].append({"method": label, "error": f"out of memory: {str(exc).splitlines()[0]}"})

@@ -28,6 +28,7 @@ from edit_speed import SHAPES, benchmark_requests, load_tokenizer, random_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import icelora.losses
+import icelora.sampling_graphs
 from icelora import ICELoRAEditor, load_model
 from icelora.errors import IceloraError
 from icelora.methods import METHODS
@@ -40,6 +41,7 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cu
 PHASES = (
     (icelora.losses.Objective, "__call__", "objective"),
     (icelora.losses, "sample_from_batch", "sampling"),
+    (icelora.sampling_graphs.FixedShapeSampler, "__call__", "sampling"),
     (torch.Tensor, "backward", "backward"),
     (torch.optim.Adam, "step", "optimizer"),
 )
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--tokenizer", default=None, help="with --shape: a folder holding the tokenizer")
     parser.add_argument("--rows", type=int, default=20, help="operators listed per table")
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "yes", "no"],
+                        help="replay ICE's sampling passes from CUDA graphs (auto: on CUDA)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile_edit: {exc}", file=sys.stderr)
         return 2
     editor = ICELoRAEditor(loaded, method=args.method, max_steps=args.steps)
+    editor.cuda_graphs = {"auto": None, "yes": True, "no": False}[args.cuda_graphs]
     device = next(editor.model.parameters()).device
     cuda = device.type == "cuda"
     editor.edit(request, progress=False)  # untimed: first-call costs
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'phase':<12} {'host ms/step':>13} {'device ms/step':>15}")
     host_side = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     by_name = {e.key: e for e in host_side}  # a range also has a device-side twin of the same name
-    for _, _, name in PHASES:
+    for name in dict.fromkeys(name for _, _, name in PHASES):
         event = by_name.get(name)
         if event is not None:
             host, on_device = event.cpu_time_total / 1e3 / steps, device_time_us(event) / 1e3 / steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icelora import EditConfig, ICELoRAEditor
+from icelora import EditConfig, ICELoRAEditor, icelora_editor
 from icelora.anchors import SUBJECT_TEMPLATES, anchor_kl_from_logits, subject_anchor_rows, teacher_from_rows
 from icelora.errors import InvalidConfigError
 from icelora.evaluation.metrics import continuation_nll
@@ -194,3 +194,17 @@ def _earlier_subject_drift(replay_anchors: int) -> float:
 def test_replayed_anchors_keep_earlier_subjects_as_they_were():
     plain, kept = _earlier_subject_drift(0), _earlier_subject_drift(2)
     assert kept < 0.8 * plain, (kept, plain)   # 1.37 against 2.07 nats
+
+
+def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):
+    made = []
+    make = icelora_editor.subject_anchor_rows
+    monkeypatch.setattr(icelora_editor, "subject_anchor_rows",
+                        lambda model, tokenizer, pad_id, subjects: made.append(list(subjects))
+                        or make(model, tokenizer, pad_id, subjects))
+    editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=2, lambda_locality=1.0,
+                           locality_anchor_kind="subject", replay_edits=2, replay_anchors=1)
+    requests = [r for r in EARLIER if r.subject] + [NEW]
+    for request in requests:       # each edit's own anchors, then the same rows again when it is replayed
+        editor.edit(request, progress=False)
+    assert made == [[r.subject] for r in requests]

@@ -16,7 +16,7 @@ Two kinds of anchors (``EditConfig.locality_anchor_kind``):
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,12 +126,18 @@ def subject_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pa
 
 
 def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
-                    requests: Sequence[EditRequest], independent: bool) -> list[AnchorTeacher]:
+                    requests: Sequence[EditRequest], independent: bool,
+                    rows_of: Callable[[Sequence[str]], list[tuple[int, ...]]] | None = None) -> list[AnchorTeacher]:
     """The anchors of one edit call with the model as it is before the edit.
 
     ``general``: one set shared by every request. ``subject``: for an independent plan one set per
     request (its own subject's anchors), else one set with every request's subject anchors.
+    ``rows_of``: makes the subject anchor rows of some subjects (a cache of them, say); by default
+    :func:`subject_anchor_rows` with ``model``.
     """
+    if rows_of is None:
+        def rows_of(subjects: Sequence[str]) -> list[tuple[int, ...]]:
+            return subject_anchor_rows(model, tokenizer, pad_id, subjects)
     if kind not in LOCALITY_ANCHOR_KINDS:
         raise ValueError(f"unknown anchor kind {kind!r}; choose from {list(LOCALITY_ANCHOR_KINDS)}")
     if kind == "general":
@@ -143,7 +149,7 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
         if not subjects:
             teachers.append(anchor_teacher(model, tokenizer, pad_id))
             continue
-        teachers.append(teacher_from_rows(model, subject_anchor_rows(model, tokenizer, pad_id, subjects), pad_id))
+        teachers.append(teacher_from_rows(model, rows_of(subjects), pad_id))
     return teachers
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +143,8 @@ class ICELoRAEditor:
         self.model = self.params.model
         self.ledger: list[EditRequest] = []
         self._subject_rows: dict[str, AnchorRows] = {}  # replay anchors, made once per subject
+        #: replay ICE's sampling passes from CUDA graphs (``None``: wherever the model is on CUDA)
+        self.cuda_graphs: bool | None = None
 
     # -- editing -----------------------------------------------------------------------------
     @property
@@ -179,8 +181,9 @@ class ICELoRAEditor:
         """Run the editing loop on the live parameters; (step history, seconds). ``replay``: rehearse
         the ledger's earlier edits (when ``replay_edits > 0``)."""
         plan = build_plan(self.tokenizer, batch, self.config)
-        objective: Callable[[torch.nn.Module, int], LossParts] = Objective(
-            plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        main = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        main.graph_sampling = self.cuda_graphs
+        objective: Callable[[torch.nn.Module, int], LossParts] = main
         earlier = replayed_requests(self.ledger, batch) if replay and self.config.replay_edits else []
         if earlier:
             replayed = build_plan(self.tokenizer, earlier, self.config)
@@ -241,6 +244,7 @@ class ICELoRAEditor:
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
         objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        objective.graph_sampling = self.cuda_graphs
         start = time.perf_counter()
         histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
                                               objective, len(batch), self.config, progress=progress)
@@ -270,7 +274,15 @@ class ICELoRAEditor:
             return None
         with self.unedited(), autocast(self.model, self.config):  # as the student will see them
             return anchor_teachers(self.model, self.tokenizer, plan.pad_id, self.config.locality_anchor_kind,
-                                   plan.requests, plan.independent)
+                                   plan.requests, plan.independent, lambda s: self._unedited_subject_rows(s, plan))
+
+    def _unedited_subject_rows(self, subjects: Sequence[str], plan: EditPlan) -> AnchorRows:
+        """The subject anchor rows of ``subjects``, each subject's made once (call under
+        :meth:`unedited`): an edit's anchors and, later, its replayed anchors share them."""
+        for subject in dict.fromkeys(subjects):
+            if subject not in self._subject_rows:
+                self._subject_rows[subject] = subject_anchor_rows(self.model, self.tokenizer, plan.pad_id, [subject])
+        return [row for subject in subjects for row in self._subject_rows[subject]]
 
     def replay_anchors(self, plan: EditPlan) -> ReplayAnchors | None:
         """The subject anchors of the earlier edits in ``plan`` and their pre-edit distributions
@@ -282,9 +294,7 @@ class ICELoRAEditor:
         missing = sorted({r.subject for r in plan.requests if r.subject} - self._subject_rows.keys())
         if missing:
             with self.unedited(), autocast(self.model, self.config):
-                for subject in missing:
-                    rows = subject_anchor_rows(self.model, self.tokenizer, plan.pad_id, [subject])
-                    self._subject_rows[subject] = rows
+                self._unedited_subject_rows(missing, plan)
 
         def teacher(rows: AnchorRows) -> AnchorTeacher:
             with self.unedited(), autocast(self.model, self.config):  # as the student will see them

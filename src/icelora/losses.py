@@ -31,6 +31,7 @@ from icelora.config import EditConfig
 from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
 from icelora.sampling import Completions, group_rows, sample_completions, sample_from_batch
+from icelora.sampling_graphs import FixedShapeSampler, fixed_shape_supported
 from icelora.tokenization import (
     PaddedBatch,
     PromptTarget,
@@ -348,6 +349,13 @@ class IceLayout:
     target_owner: torch.Tensor
     completion: TokenIndex
     completion_owner: torch.Tensor
+    samplers: dict[int, FixedShapeSampler] = field(default_factory=dict)
+
+    def sampler(self, model: nn.Module, length: int) -> FixedShapeSampler:
+        """The CUDA-graph sampler of ``model`` after the context rows (made at its first use)."""
+        if id(model) not in self.samplers:
+            self.samplers[id(model)] = FixedShapeSampler(model, self.context, length, graphs=True)
+        return self.samplers[id(model)]
 
     def student_with(self, tokens: torch.Tensor) -> PaddedBatch:
         """The student rows with the sampled completion ``tokens`` [R, m] in place (on the device)."""
@@ -383,16 +391,30 @@ def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device) -> IceL
     return plan.layout(key, build)
 
 
+def graphs_apply(model: nn.Module, plan: EditPlan, owners: Sequence[int], device: torch.device) -> bool:
+    """Whether the sampling passes can be replayed from CUDA graphs: on CUDA, outside autocast,
+    rows not routed to separate adapters, and a model the fixed-shape passes can drive."""
+    return (device.type == "cuda" and not torch.is_autocast_enabled(device.type) and not plan.route(owners)
+            and fixed_shape_supported(model))
+
+
 def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
-             generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None) -> LossParts:
+             generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None,
+             graphs: bool = False) -> LossParts:
     """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
 
     ``generators``: one for all rows, or (independent plans) one per request. Every shape is fixed
     by the layout, so the step is queued on the device without the host reading anything back.
+    ``graphs``: replay the sampling passes from CUDA graphs where :func:`graphs_apply` allows
+    (:mod:`icelora.sampling_graphs`).
     """
-    layout = ice_layout(plan, config, next(model.parameters()).device)
-    completions = sample_from_batch(model, layout.context, config.completion_length, config.temperature,
-                                    _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
+    device = next(model.parameters()).device
+    layout = ice_layout(plan, config, device)
+    sample = sample_from_batch
+    if graphs and (layout.samplers or graphs_apply(model, plan, layout.owners, device)):
+        sample = layout.sampler(model, config.completion_length)
+    completions = sample(model, layout.context, config.completion_length, config.temperature,
+                         _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
     student = layout.student_with(completions.tokens)
     logits = _forward(model, student, plan, layout.owners, rider)
     n = len(plan.requests)
@@ -494,6 +516,7 @@ class Objective:
         if len(self.anchors) > 1 and (not plan.independent or len(self.anchors) != len(plan.requests)):
             raise ValueError(f"{len(self.anchors)} anchor sets need an independent plan of as many requests")
         self.main_pass_anchors: bool | None = None
+        self.graph_sampling: bool | None = None
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
@@ -536,6 +559,11 @@ class Objective:
         own pass on the CPU, whose steps are bound by arithmetic."""
         return self.main_pass_anchors if self.main_pass_anchors is not None else device.type != "cpu"
 
+    def samples_from_graphs(self, device: torch.device) -> bool:
+        """Whether the ICE sampling passes are replayed from CUDA graphs (where they can be):
+        ``graph_sampling`` decides when set; by default on CUDA."""
+        return self.graph_sampling if self.graph_sampling is not None else device.type == "cuda"
+
     def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],
                         rngs: list[random.Random], rider: Rider | None) -> LossParts:
         name = self.config.objective
@@ -544,7 +572,8 @@ class Objective:
         if name == "ft-last":
             return ft_last_loss(model, plan, self.config, step, rider)
         if name == "ice":
-            return ice_loss(model, plan, self.config, step, generators, rider)
+            graphs = self.samples_from_graphs(next(model.parameters()).device)
+            return ice_loss(model, plan, self.config, step, generators, rider, graphs)
         if name == "ice-reference":
             return ice_reference_loss(model, plan, self.config, step, generators, rngs, rider)
         raise ValueError(f"unknown objective {name!r}")
