@@ -64,6 +64,7 @@ from icelora.models import (
     resolve_dtype,
 )
 from icelora.request import EditRequest
+from icelora.sampling_graphs import CUDA_GRAPHS_SETTINGS
 
 log = logging.getLogger("edit_speed")
 
@@ -297,14 +298,11 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
            "median_floor_seconds": statistics.median(floors),
            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
            "seconds_per_edit": seconds, "steps": steps, "warmup": warmup,
-           "cuda_graphs": {None: "auto", True: "yes", False: "no"}[cuda_graphs], **overrides}
+           "cuda_graphs": next(k for k, v in CUDA_GRAPHS_SETTINGS.items() if v is cuda_graphs), **overrides}
     if syncs is not None:
         row["syncs_per_step"], row["sync_sources"] = round(syncs[0], 1), syncs[1]
     return row
 
-
-#: ``--cuda-graphs`` values and the editor setting each gives.
-CUDA_GRAPHS = {"auto": None, "yes": True, "no": False}
 
 #: Whether each method trains LoRA adapters (only those can train several edits at once).
 METHOD_IS_LORA = {m: method_config(m).parameterization == "lora" for m in METHODS}
@@ -357,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="one untimed pass over the same edits before timing them")
     parser.add_argument("--tokenizer", default=None,
                         help="with --shape: a folder holding the tokenizer (default: the embedded model's)")
-    parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS),
+    parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS_SETTINGS),
                         help="replay ICE's sampling passes from CUDA graphs (auto: on CUDA)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -399,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         for method, at_once in plan:
             try:
                 report["methods"].append(time_method(make, method, requests, at_once, rate, overrides,
-                                                      args.warmup, CUDA_GRAPHS[args.cuda_graphs]))
+                                                      args.warmup, CUDA_GRAPHS_SETTINGS[args.cuda_graphs]))
             except torch.OutOfMemoryError as exc:
                 label = method if at_once == 1 else f"{method} x{at_once}"
                 report["methods"].append({"method": label, "error": f"out of memory: {str(exc).splitlines()[0]}"})

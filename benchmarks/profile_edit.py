@@ -33,6 +33,7 @@ from icelora import ICELoRAEditor, load_model
 from icelora.errors import IceloraError
 from icelora.methods import METHODS
 from icelora.models import EMBEDDED_MODEL
+from icelora.sampling_graphs import CUDA_GRAPHS_SETTINGS
 
 #: Host calls that launch a kernel.
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--tokenizer", default=None, help="with --shape: a folder holding the tokenizer")
     parser.add_argument("--rows", type=int, default=20, help="operators listed per table")
-    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "yes", "no"],
+    parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS_SETTINGS),
                         help="replay ICE's sampling passes from CUDA graphs (auto: on CUDA)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace to this file")
     args = parser.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile_edit: {exc}", file=sys.stderr)
         return 2
     editor = ICELoRAEditor(loaded, method=args.method, max_steps=args.steps)
-    editor.cuda_graphs = {"auto": None, "yes": True, "no": False}[args.cuda_graphs]
+    editor.cuda_graphs = CUDA_GRAPHS_SETTINGS[args.cuda_graphs]
     device = next(editor.model.parameters()).device
     cuda = device.type == "cuda"
     editor.edit(request, progress=False)  # untimed: first-call costs

@@ -46,6 +46,28 @@ def test_fixed_shape_passes_equal_the_cached_decode(tiny, attention):
     assert sampler.recorded is None
 
 
+def test_fixed_shape_passes_without_padding_with_groups_and_a_temperature(tiny):
+    text = "The Eiffel Tower is located in the city of Rome"
+    batch = pad_rows([tiny.tokenizer(text)["input_ids"]] * 4, tiny.tokenizer.pad_token_id, side="left")
+    assert set(batch.offsets) == {0}  # no padding: the model's own path takes its causal shortcut
+    sampler = FixedShapeSampler(tiny.model, batch, 4, graphs=False)
+    groups = [torch.tensor([0, 2]), torch.tensor([1, 3])]
+    for seed in (0, 1):
+        draws = []
+        for sample in (sampler, sample_from_batch):
+            generators = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10)]
+            draws.append(sample(tiny.model, batch, 4, 0.7, generators, {0}, groups, None))
+        assert torch.equal(draws[0].tokens, draws[1].tokens)
+        torch.testing.assert_close(draws[0].teacher_logits, draws[1].teacher_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_models_whose_rotary_embedding_reads_positions_on_the_host_are_left_out():
+    tiny = TINY_BUILDERS["llama"]()
+    assert fixed_shape_supported(tiny.model)
+    tiny.model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not fixed_shape_supported(tiny.model)
+
+
 def test_prepared_masks_hide_padding_and_the_future(tiny):
     tiny.model.set_attn_implementation("sdpa")
     padding = torch.tensor([[0, 1, 1], [1, 1, 1]])
@@ -134,3 +156,20 @@ def test_memory_held_does_not_grow_edit_after_edit():
         torch.cuda.synchronize()
         held.append(torch.cuda.memory_allocated())
     assert held[-1] <= held[1], held  # recordings, pools and streams of earlier edits are let go
+
+
+@needs_cuda
+def test_a_failed_recording_leaves_eager_passes_for_good(monkeypatch):
+    tiny = TINY_BUILDERS["gpt2"]()
+    model = tiny.model.to("cuda")
+    batch = _batch(tiny, "cuda")
+    sampler = FixedShapeSampler(model, batch, 3, graphs=True)
+
+    def fail(self, model):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(FixedShapeSampler, "_record", fail)
+    first = _draws(sampler, model, batch, 0)
+    plain = _draws(sample_from_batch, model, batch, 0)
+    assert torch.equal(first.tokens, plain.tokens) and sampler.recorded is None and not sampler.graphs
+    assert not fixed_shape_supported(model)  # not tried again for this model

@@ -135,9 +135,7 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
     ``rows_of``: makes the subject anchor rows of some subjects (a cache of them, say); by default
     :func:`subject_anchor_rows` with ``model``.
     """
-    if rows_of is None:
-        def rows_of(subjects: Sequence[str]) -> list[tuple[int, ...]]:
-            return subject_anchor_rows(model, tokenizer, pad_id, subjects)
+    make_rows = rows_of or (lambda subjects: subject_anchor_rows(model, tokenizer, pad_id, subjects))
     if kind not in LOCALITY_ANCHOR_KINDS:
         raise ValueError(f"unknown anchor kind {kind!r}; choose from {list(LOCALITY_ANCHOR_KINDS)}")
     if kind == "general":
@@ -149,7 +147,7 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
         if not subjects:
             teachers.append(anchor_teacher(model, tokenizer, pad_id))
             continue
-        teachers.append(teacher_from_rows(model, rows_of(subjects), pad_id))
+        teachers.append(teacher_from_rows(model, make_rows(subjects), pad_id))
     return teachers
 
 

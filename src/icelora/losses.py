@@ -349,7 +349,7 @@ class IceLayout:
     target_owner: torch.Tensor
     completion: TokenIndex
     completion_owner: torch.Tensor
-    samplers: dict[int, FixedShapeSampler] = field(default_factory=dict)
+    samplers: dict[int, FixedShapeSampler] = field(default_factory=dict, repr=False, compare=False)
 
     def sampler(self, model: nn.Module, length: int) -> FixedShapeSampler:
         """The CUDA-graph sampler of ``model`` after the context rows (made at its first use)."""
@@ -411,7 +411,7 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     device = next(model.parameters()).device
     layout = ice_layout(plan, config, device)
     sample = sample_from_batch
-    if graphs and (layout.samplers or graphs_apply(model, plan, layout.owners, device)):
+    if graphs and graphs_apply(model, plan, layout.owners, device):
         sample = layout.sampler(model, config.completion_length)
     completions = sample(model, layout.context, config.completion_length, config.temperature,
                          _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))

@@ -15,15 +15,17 @@ otherwise work out from the data:
 - a KV cache whose layers are already initialised.
 
 The draws between passes stay outside the graphs (same ``torch.multinomial`` calls and generators
-as :func:`icelora.sampling.sample_from_batch`), so a step draws from the same distribution with the
-same random numbers either way. Without CUDA (or with ``graphs=False``) the same fixed-shape passes
-run eagerly; the tests check them against :func:`~icelora.sampling.sample_from_batch` on the CPU.
+as :func:`icelora.sampling.sample_from_batch`), so a step draws its completion with the same random
+numbers either way (adapter dropout, off in every preset, draws inside the passes). Without CUDA
+(or with ``graphs=False``) the same fixed-shape passes run eagerly; the tests check them against
+:func:`~icelora.sampling.sample_from_batch` on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 #: Attention implementations whose prepared 4-D masks are plain tensors made here.
 MASKED_ATTENTION = ("sdpa", "eager")
 
+#: The ``--cuda-graphs`` choices of the command-line tools and the editor setting each gives.
+CUDA_GRAPHS_SETTINGS: dict[str, bool | None] = {"auto": None, "yes": True, "no": False}
+
+#: Models whose passes failed to record: they are not tried again.
+_UNRECORDABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
 
 def attention_implementation(model: nn.Module) -> str | None:
     """The attention implementation named in the model's config (``None`` when it names none)."""
@@ -49,8 +57,13 @@ def attention_implementation(model: nn.Module) -> str | None:
 
 def fixed_shape_supported(model: nn.Module) -> bool:
     """Whether the fixed-shape passes can drive ``model``: a decoder whose attention takes a
-    prepared 4-D mask and whose KV cache is made of plain dynamic layers."""
-    if attention_implementation(model) not in MASKED_ATTENTION:
+    prepared 4-D mask, whose rotary embedding (if any) does not rescale with the positions seen
+    (that reads the largest position on the host), and whose KV cache is made of plain dynamic
+    layers; and whose passes have not failed to record before."""
+    if model in _UNRECORDABLE or attention_implementation(model) not in MASKED_ATTENTION:
+        return False
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and ("dynamic" in str(rope.get("rope_type", "")) or rope.get("rope_type") == "longrope"):
         return False
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
@@ -116,7 +129,7 @@ class FixedShapeSampler:
         self.tokens = [torch.zeros((rows, 1), dtype=torch.long, device=device) for _ in range(length - 1)]
         self.recorded: list[torch.cuda.CUDAGraph] | None = None
         self.outputs: list[torch.Tensor] = []
-        self.kept: list[Any] = []
+        self.kept: list[torch.Tensor] = []
 
     def _pass(self, model: nn.Module, index: int, cache: DynamicCache) -> torch.Tensor:
         """Pass ``index`` (0: the prefill; k: decode step k) appending to ``cache``; its last logits."""
@@ -130,6 +143,7 @@ class FixedShapeSampler:
     def _sample(self, run_pass: Callable[[int], torch.Tensor], temperature: float,
                 generators: Sequence[torch.Generator], eos_ids: set[int],
                 groups: list[torch.Tensor] | None) -> Completions:
+        """The sampling loop of ``sample_from_batch``, each pass from ``run_pass(index)``."""
         tokens, teacher = [], []
         for step in range(self.length):
             logits = run_pass(step)
@@ -144,6 +158,7 @@ class FixedShapeSampler:
 
     def _eager(self, model: nn.Module, temperature: float, generators: Sequence[torch.Generator],
                eos_ids: set[int], groups: list[torch.Tensor] | None) -> Completions:
+        """The passes run eagerly, on a fresh cache."""
         cache = empty_cache(model, self.dtype, self.batch.input_ids.device)
         return self._sample(lambda index: self._pass(model, index, cache), temperature, generators, eos_ids, groups)
 
@@ -170,6 +185,7 @@ class FixedShapeSampler:
         self.recorded, self.outputs = recorded, outputs
 
     def _replay(self, index: int) -> torch.Tensor:
+        """Pass ``index`` replayed; its output tensor (overwritten by the next replay)."""
         self.recorded[index].replay()
         return self.outputs[index]
 
@@ -178,6 +194,7 @@ class FixedShapeSampler:
                  generators: Sequence[torch.Generator], eos_ids: set[int],
                  groups: list[torch.Tensor] | None = None, forward_kwargs: dict[str, Any] | None = None
                  ) -> Completions:
+        """Sampled completions, as :func:`icelora.sampling.sample_from_batch` gives them."""
         if batch is not self.batch or length != self.length or forward_kwargs:
             raise ValueError("a fixed-shape sampler runs only the batch and length it was made for, unrouted")
         if self.recorded:
@@ -189,10 +206,14 @@ class FixedShapeSampler:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             result = self._eager(model, temperature, generators, eos_ids, groups)
-        torch.cuda.current_stream(device).wait_stream(side)
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
+        for tensor in (result.tokens, result.teacher_logits, result.alive):
+            tensor.record_stream(current)  # made on the side stream, used (and freed) on this one
         try:
             self._record(model)
-        except RuntimeError as error:
-            log.warning("sampling passes not recorded as CUDA graphs (%s); running them eagerly", error)
+        except Exception as error:  # any failure to record leaves the eager passes
+            log.warning("sampling passes not recorded as CUDA graphs (%s); running them eagerly from now on", error)
+            _UNRECORDABLE.add(model)
             self.graphs, self.recorded, self.outputs, self.kept = False, None, [], []
         return result
