@@ -9,7 +9,9 @@ from torch import nn
 from icelora import EditConfig, ICELoRAEditor
 from icelora.anchors import (
     ANCHOR_TEXTS,
+    RELATION_TEMPLATES,
     SUBJECT_CONTINUATION,
+    SUBJECT_RELATIONS,
     SUBJECT_TEMPLATES,
     AnchorTeacher,
     anchor_kl_from_logits,
@@ -17,6 +19,8 @@ from icelora.anchors import (
     anchor_teacher,
     anchor_teachers,
     greedy_extend,
+    relation_anchor_rows,
+    relations_apart_from,
 )
 from icelora.errors import InvalidConfigError
 from icelora.losses import Objective, build_plan
@@ -192,3 +196,21 @@ def test_anchors_in_their_own_pass_give_the_main_pass_loss(tiny, independent):
     assert torch.allclose(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
     assert Objective(plan, config, torch.device("cpu"), [AnchorTeacher([], [])]).anchors_in_main_pass(
         torch.device("cpu")) is False
+
+
+def test_relation_anchors_ask_the_subjects_other_relations(tiny):
+    kept = relations_apart_from("What is the country of citizenship of Danielle Darrieux?")
+    assert "country of citizenship" not in kept and "country" not in kept and "occupation" in kept
+    assert relations_apart_from("Who fathered Gervase of Blois?") == list(SUBJECT_RELATIONS)
+    request = EditRequest(prompt="Which family does Epaspidoceras belong to?", target="Noctuidae",
+                          subject="Epaspidoceras")
+    rows = relation_anchor_rows(tiny.model, tiny.tokenizer, tiny.tokenizer.pad_token_id, [request])
+    relations = relations_apart_from(request.prompt)
+    assert "family name" not in relations
+    assert len(rows) == len(relations) * len(RELATION_TEMPLATES)
+    first = tiny.tokenizer(RELATION_TEMPLATES[0].format(relation=relations[0], subject="Epaspidoceras"))["input_ids"]
+    assert rows[0][: len(first)] == tuple(first) and len(rows[0]) <= len(first) + SUBJECT_CONTINUATION
+    config = EditConfig(lambda_locality=1.0, locality_anchor_kind="relation")
+    teachers = anchor_teachers(tiny.model, tiny.tokenizer, tiny.tokenizer.pad_token_id, config.locality_anchor_kind,
+                               [request], independent=False)
+    assert teachers[0].rows == rows

@@ -11,6 +11,10 @@ Two kinds of anchors (``EditConfig.locality_anchor_kind``):
   each continued by the unedited model's own greedy tokens. They keep what the model says about
   the subject apart from the edited fact (the idea of ROME's "essence" KL prompts); a request
   without a subject gets the general anchors.
+- ``relation``: the subject's other relations, asked as "The {relation} of {subject} is" and
+  "{subject} {relation}" for common Wikidata properties (a fixed list, taken from no record),
+  leaving out those whose words the edit's own prompt uses; each continued by the unedited
+  model's greedy tokens like the subject anchors.
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ SUBJECT_TEMPLATES = (
 )
 SUBJECT_CONTINUATION = 3
 
+#: Properties that many Wikidata statements use, for the ``relation`` anchors.
+SUBJECT_RELATIONS = (
+    "instance of", "sex or gender", "country of citizenship", "country", "occupation", "date of birth",
+    "place of birth", "date of death", "place of death", "given name", "family name", "languages spoken",
+    "educated at", "member of", "part of", "located in", "taxon rank", "parent taxon",
+)
+RELATION_TEMPLATES = ("The {relation} of {subject} is", "{subject} {relation}")
+
 
 @dataclass
 class AnchorTeacher:
@@ -125,13 +137,31 @@ def subject_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pa
     return greedy_extend(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
 
 
+def relations_apart_from(prompt: str) -> list[str]:
+    """The relations of :data:`SUBJECT_RELATIONS` none of whose words (of 4+ letters) the edit's
+    prompt uses: anchoring the edited relation itself would pull the edit back."""
+    used = {word.strip("?.,:;!'\"").lower() for word in prompt.split()}
+    return [relation for relation in SUBJECT_RELATIONS
+            if not any(len(w) >= 4 and any(u.startswith(w) for u in used) for w in relation.split())]
+
+
+def relation_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
+                         requests: Sequence[EditRequest]) -> list[tuple[int, ...]]:
+    """The relation anchors of ``requests`` (those with a subject), continued by the model's
+    greedy tokens."""
+    prompts = [tuple(tokenizer(t.format(relation=relation, subject=r.subject))["input_ids"])
+               for r in requests if r.subject for relation in relations_apart_from(r.prompt)
+               for t in RELATION_TEMPLATES]
+    return greedy_extend(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
+
+
 def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
                     requests: Sequence[EditRequest], independent: bool,
                     rows_of: Callable[[Sequence[str]], list[tuple[int, ...]]] | None = None) -> list[AnchorTeacher]:
     """The anchors of one edit call with the model as it is before the edit.
 
-    ``general``: one set shared by every request. ``subject``: for an independent plan one set per
-    request (its own subject's anchors), else one set with every request's subject anchors.
+    ``general``: one set shared by every request. ``subject`` and ``relation``: for an independent
+    plan one set per request (its own subject's anchors), else one set with every request's.
     ``rows_of``: makes the subject anchor rows of some subjects (a cache of them, say); by default
     :func:`subject_anchor_rows` with ``model``.
     """
@@ -147,7 +177,8 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
         if not subjects:
             teachers.append(anchor_teacher(model, tokenizer, pad_id))
             continue
-        teachers.append(teacher_from_rows(model, make_rows(subjects), pad_id))
+        rows = relation_anchor_rows(model, tokenizer, pad_id, group) if kind == "relation" else make_rows(subjects)
+        teachers.append(teacher_from_rows(model, rows, pad_id))
     return teachers
 
 

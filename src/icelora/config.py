@@ -14,7 +14,7 @@ from icelora.errors import InvalidConfigError
 
 OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
 PARAMETERIZATIONS = ("lora", "full")
-LOCALITY_ANCHOR_KINDS = ("general", "subject")
+LOCALITY_ANCHOR_KINDS = ("general", "subject", "relation")
 #: float16 is left out: its gradients need loss scaling, which the editing loop does not do.
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
@@ -34,8 +34,9 @@ class EditConfig:
         self-induced completions ``x_c`` from the context-conditioned model.
     lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many anchor
         texts per step (:mod:`icelora.anchors`); 0 turns it off.
-    locality_anchor_kind: ``general`` (fixed unrelated texts) or ``subject`` (prompts about each
-        request's subject, continued by the unedited model's greedy tokens).
+    locality_anchor_kind: ``general`` (fixed unrelated texts), ``subject`` (prompts about each
+        request's subject, continued by the unedited model's greedy tokens) or ``relation`` (the
+        subject's other relations, asked for common Wikidata properties, continued likewise).
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
