@@ -91,7 +91,13 @@ class AnchorTeacher:
 
     def choose(self, count: int, seed: int, step: int) -> list[int]:
         """The anchors step ``step`` uses: ``count`` of them, a function of (seed, step) only."""
-        return random.Random(seed * 1_000_003 + step).sample(range(len(self.rows)), min(count, len(self.rows)))
+        return seeded_sample(len(self.rows), count, seed * 1_000_003 + step)
+
+
+def seeded_sample(size: int, count: int, seed: int) -> list[int]:
+    """``count`` of ``range(size)`` (all when ``size`` is smaller) drawn without replacement, a
+    function of ``seed`` only."""
+    return random.Random(seed).sample(range(size), min(count, size))
 
 
 @torch.no_grad()

@@ -349,12 +349,15 @@ class IceLayout:
     target_owner: torch.Tensor
     completion: TokenIndex
     completion_owner: torch.Tensor
-    samplers: dict[int, FixedShapeSampler] = field(default_factory=dict, repr=False, compare=False)
+    samplers: dict[int, FixedShapeSampler | None] = field(default_factory=dict, repr=False, compare=False)
 
-    def sampler(self, model: nn.Module, length: int) -> FixedShapeSampler:
-        """The CUDA-graph sampler of ``model`` after the context rows (made at its first use)."""
+    def sampler(self, model: nn.Module, plan: EditPlan, length: int) -> FixedShapeSampler | None:
+        """The CUDA-graph sampler of ``model`` after the context rows, or ``None`` where
+        :func:`graphs_apply` says no (decided at the first step of the edit, kept for the rest)."""
         if id(model) not in self.samplers:
-            self.samplers[id(model)] = FixedShapeSampler(model, self.context, length, graphs=True)
+            device = self.context.input_ids.device
+            usable = graphs_apply(model, plan, self.owners, device)
+            self.samplers[id(model)] = FixedShapeSampler(model, self.context, length, graphs=True) if usable else None
         return self.samplers[id(model)]
 
     def student_with(self, tokens: torch.Tensor) -> PaddedBatch:
@@ -410,9 +413,7 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     """
     device = next(model.parameters()).device
     layout = ice_layout(plan, config, device)
-    sample = sample_from_batch
-    if graphs and graphs_apply(model, plan, layout.owners, device):
-        sample = layout.sampler(model, config.completion_length)
+    sample = (layout.sampler(model, plan, config.completion_length) if graphs else None) or sample_from_batch
     completions = sample(model, layout.context, config.completion_length, config.temperature,
                          _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
     student = layout.student_with(completions.tokens)

@@ -25,14 +25,13 @@ the replayed targets' pass; their pre-edit distributions are computed at the sta
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from icelora.anchors import AnchorTeacher, anchor_kl_from_logits
+from icelora.anchors import AnchorTeacher, anchor_kl_from_logits, seeded_sample
 from icelora.config import EditConfig
 from icelora.losses import EditPlan, LossParts, Rider, ft_loss
 from icelora.request import EditRequest
@@ -80,8 +79,8 @@ def replayed_anchor_rows(rows: Sequence[AnchorRows], chosen: Sequence[int], coun
     picked: AnchorRows = []
     for j in chosen:
         mine = rows[j]
-        draw = random.Random((seed * 1_000_003 + step) * 1_000_033 + j).sample(range(len(mine)), min(count, len(mine)))
-        picked.extend(mine[i] for i in sorted(draw))
+        drawn = seeded_sample(len(mine), count, (seed * 1_000_003 + step) * 1_000_033 + j)
+        picked.extend(mine[i] for i in sorted(drawn))
     return picked
 
 

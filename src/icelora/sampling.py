@@ -7,7 +7,7 @@ forward pass with the context is needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,24 @@ def sample_completions(
     return sample_from_batch(model, batch, length, temperature, generators, eos_ids, groups, forward_kwargs)
 
 
+def sample_with(run_pass: Callable[[int, torch.Tensor | None], torch.Tensor], length: int, temperature: float,
+                generators: Sequence[torch.Generator], eos_ids: set[int],
+                groups: list[torch.Tensor] | None = None) -> Completions:
+    """The sampling loop: ``run_pass(k, token)`` gives the untempered logits [R, V] of completion
+    token k (k = 0: the prefill, ``token`` None; k > 0: a decode pass after ``token``, the [R, 1]
+    tokens drawn at k - 1), and each token is drawn from them at ``temperature``."""
+    tokens, teacher = [], []
+    token = None
+    for step in range(length):
+        logits = run_pass(step, token)
+        token = draw(torch.softmax(logits / temperature, dim=-1), generators, groups)
+        tokens.append(token)
+        teacher.append(logits)
+    sampled = torch.cat(tokens, dim=1)
+    return Completions(tokens=sampled, teacher_logits=torch.stack(teacher, dim=1),
+                       alive=alive_before_eos(sampled, eos_ids))
+
+
 @torch.no_grad()
 def sample_from_batch(
     model: nn.Module,
@@ -99,25 +117,17 @@ def sample_from_batch(
     each generator given as index tensors (``group_rows``). Nothing here reads the device from the
     host, so the editing loop can queue the whole step."""
     extra = forward_kwargs or {}
-    out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    logits = out.logits[:, -1].float()
-    attention_mask = batch.attention_mask
-    positions = batch.position_ids[:, -1:]
-    tokens, teacher = [], []
-    for step in range(length):
-        probs = torch.softmax(logits / temperature, dim=-1)
-        token = draw(probs, generators, groups)
-        tokens.append(token)
-        teacher.append(logits)
-        if step + 1 == length:
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        positions = positions + 1
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions,
-                    cache=cache, use_cache=True, logits_to_keep=1, **extra)
-        cache = out.cache
-        logits = out.logits[:, -1].float()
-    sampled = torch.cat(tokens, dim=1)
-    return Completions(tokens=sampled, teacher_logits=torch.stack(teacher, dim=1),
-                       alive=alive_before_eos(sampled, eos_ids))
+    state: dict[str, Any] = {"mask": batch.attention_mask, "positions": batch.position_ids[:, -1:], "cache": None}
+
+    def run_pass(step: int, token: torch.Tensor | None) -> torch.Tensor:
+        if token is None:
+            out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
+        else:
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(token)], dim=1)
+            state["positions"] = state["positions"] + 1
+            out = model(input_ids=token, attention_mask=state["mask"], position_ids=state["positions"],
+                        cache=state["cache"], use_cache=True, logits_to_keep=1, **extra)
+        state["cache"] = out.cache
+        return out.logits[:, -1].float()
+
+    return sample_with(run_pass, length, temperature, generators, eos_ids, groups)

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from icelora.sampling import Completions, alive_before_eos, draw
+from icelora.sampling import Completions, sample_with
 from icelora.tokenization import PaddedBatch
 
 log = logging.getLogger(__name__)
@@ -143,18 +143,14 @@ class FixedShapeSampler:
     def _sample(self, run_pass: Callable[[int], torch.Tensor], temperature: float,
                 generators: Sequence[torch.Generator], eos_ids: set[int],
                 groups: list[torch.Tensor] | None) -> Completions:
-        """The sampling loop of ``sample_from_batch``, each pass from ``run_pass(index)``."""
-        tokens, teacher = [], []
-        for step in range(self.length):
-            logits = run_pass(step)
-            token = draw(torch.softmax(logits / temperature, dim=-1), generators, groups)
-            tokens.append(token)
-            teacher.append(logits)
-            if step + 1 < self.length:
-                self.tokens[step].copy_(token)
-        sampled = torch.cat(tokens, dim=1)
-        return Completions(tokens=sampled, teacher_logits=torch.stack(teacher, dim=1),
-                           alive=alive_before_eos(sampled, eos_ids))
+        """The sampling loop of ``sample_from_batch``, pass ``k`` from ``run_pass(k)`` after the
+        token drawn before it is written into its input buffer."""
+        def after(index: int, token: torch.Tensor | None) -> torch.Tensor:
+            if token is not None:
+                self.tokens[index - 1].copy_(token)
+            return run_pass(index)
+
+        return sample_with(after, self.length, temperature, generators, eos_ids, groups)
 
     def _eager(self, model: nn.Module, temperature: float, generators: Sequence[torch.Generator],
                eos_ids: set[int], groups: list[torch.Tensor] | None) -> Completions:
