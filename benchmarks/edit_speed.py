@@ -262,10 +262,11 @@ def warm_up(editor: ICELoRAEditor, requests: list[EditRequest], at_once: int) ->
 
 
 def time_method(make: Callable[[], LoadedModel], method: str, requests: list[EditRequest], at_once: int,
-                matmul_rate: float, overrides: dict, warmup: bool = False, cuda_graphs: bool | None = None) -> dict:
+                matmul_rate: float, overrides: dict, warmup: bool = False,
+                cuda_graphs: bool | str | None = None) -> dict:
     """Edit each request from the unedited model with ``method`` (``at_once`` of them together,
     each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor.
-    ``cuda_graphs``: the editor's setting for replaying ICE's sampling passes from CUDA graphs."""
+    ``cuda_graphs``: the editor's setting for replaying ICE's passes from CUDA graphs."""
     editor = ICELoRAEditor(make(), method=method, **overrides)
     editor.cuda_graphs = cuda_graphs
     device = next(editor.model.parameters()).device
@@ -298,7 +299,7 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
            "median_floor_seconds": statistics.median(floors),
            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
            "seconds_per_edit": seconds, "steps": steps, "warmup": warmup,
-           "cuda_graphs": next(k for k, v in CUDA_GRAPHS_SETTINGS.items() if v is cuda_graphs), **overrides}
+           "cuda_graphs": next(k for k, v in CUDA_GRAPHS_SETTINGS.items() if v == cuda_graphs), **overrides}
     if syncs is not None:
         row["syncs_per_step"], row["sync_sources"] = round(syncs[0], 1), syncs[1]
     return row
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="with --shape: a folder holding the tokenizer (default: the embedded model's)")
     parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS_SETTINGS),
-                        help="replay ICE's sampling passes from CUDA graphs (auto: on CUDA)")
+                        help="replay ICE's sampling and training passes from CUDA graphs "
+                             "(auto: on CUDA; sampling: the sampling passes only)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="with --shape: a folder holding the tokenizer")
     parser.add_argument("--rows", type=int, default=20, help="operators listed per table")
     parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS_SETTINGS),
-                        help="replay ICE's sampling passes from CUDA graphs (auto: on CUDA)")
+                        help="replay ICE's sampling and training passes from CUDA graphs "
+                             "(auto: on CUDA; sampling: the sampling passes only)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")

@@ -214,3 +214,12 @@ def test_relation_anchors_ask_the_subjects_other_relations(tiny):
     teachers = anchor_teachers(tiny.model, tiny.tokenizer, tiny.tokenizer.pad_token_id, config.locality_anchor_kind,
                                [request], independent=False)
     assert teachers[0].rows == rows
+
+
+def test_a_prompt_naming_every_relation_gets_the_general_anchors(tiny):
+    prompt = " ".join(SUBJECT_RELATIONS) + " of Epaspidoceras?"
+    assert relations_apart_from(prompt) == []
+    request = EditRequest(prompt=prompt, target="Noctuidae", subject="Epaspidoceras")
+    pad = tiny.tokenizer.pad_token_id
+    teachers = anchor_teachers(tiny.model, tiny.tokenizer, pad, "relation", [request], independent=True)
+    assert teachers[0].rows == anchor_teacher(tiny.model, tiny.tokenizer, pad).rows

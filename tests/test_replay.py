@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icelora import EditConfig, ICELoRAEditor, icelora_editor
+from icelora import EditConfig, ICELoRAEditor
+from icelora import anchors as anchor_module
 from icelora.anchors import SUBJECT_TEMPLATES, anchor_kl_from_logits, subject_anchor_rows, teacher_from_rows
 from icelora.errors import InvalidConfigError
 from icelora.evaluation.metrics import continuation_nll
@@ -198,8 +199,8 @@ def test_replayed_anchors_keep_earlier_subjects_as_they_were():
 
 def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):
     made = []
-    make = icelora_editor.subject_anchor_rows
-    monkeypatch.setattr(icelora_editor, "subject_anchor_rows",
+    make = anchor_module.subject_anchor_rows
+    monkeypatch.setattr(anchor_module, "subject_anchor_rows",
                         lambda model, tokenizer, pad_id, subjects: made.append(list(subjects))
                         or make(model, tokenizer, pad_id, subjects))
     editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=2, lambda_locality=1.0,
@@ -208,3 +209,21 @@ def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):
     for request in requests:       # each edit's own anchors, then the same rows again when it is replayed
         editor.edit(request, progress=False)
     assert made == [[r.subject] for r in requests]
+
+
+def test_relation_anchors_are_replayed_as_relation_anchors(tiny, monkeypatch):
+    made = []
+    make = anchor_module.relation_anchor_rows
+    monkeypatch.setattr(anchor_module, "relation_anchor_rows",
+                        lambda model, tokenizer, pad_id, requests: made.append([r.prompt for r in requests])
+                        or make(model, tokenizer, pad_id, requests))
+    editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=2, lambda_locality=1.0,
+                           locality_anchor_kind="relation", replay_edits=2, replay_anchors=1)
+    earlier = [r for r in EARLIER if r.subject]
+    plan = build_plan(editor.tokenizer, earlier, editor.config)
+    with torch.no_grad():
+        before = [make(editor.model, editor.tokenizer, plan.pad_id, [r]) for r in earlier]
+    for request in [*earlier, NEW]:  # each edit's own anchors, then the same rows when it is replayed
+        editor.edit(request, progress=False)
+    assert made == [[r.prompt] for r in [*earlier, NEW]]
+    assert editor.replay_anchors(plan).rows == before  # made by the unedited model, once per edit

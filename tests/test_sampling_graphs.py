@@ -104,7 +104,7 @@ def test_graphs_only_where_they_apply(tiny):
     objective = Objective(plan, config.replace(lambda_locality=0.0), torch.device("cpu"))
     assert objective.samples_from_graphs(torch.device("cuda"))
     assert not objective.samples_from_graphs(torch.device("cpu"))
-    objective.graph_sampling = False
+    objective.cuda_graphs = False
     assert not objective.samples_from_graphs(torch.device("cuda"))
 
 

@@ -124,6 +124,8 @@ def greedy_extend(model: nn.Module, rows: list[tuple[int, ...]], pad_id: int, to
     """Each row followed by the model's ``tokens`` greedy next tokens (a row stops after EOS)."""
     device = next(model.parameters()).device
     rows = [tuple(r) for r in rows]
+    if not rows:
+        return []
     done = [False] * len(rows)
     for _ in range(tokens):
         batch = pad_rows(rows, pad_id, device=device)
@@ -161,17 +163,26 @@ def relation_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, p
     return greedy_extend(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
 
 
+def request_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
+                        requests: Sequence[EditRequest]) -> list[tuple[int, ...]]:
+    """The ``relation`` or ``subject`` anchor rows of ``requests`` (those with a subject)."""
+    if kind == "relation":
+        return relation_anchor_rows(model, tokenizer, pad_id, requests)
+    return subject_anchor_rows(model, tokenizer, pad_id, [r.subject for r in requests if r.subject])
+
+
 def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
                     requests: Sequence[EditRequest], independent: bool,
-                    rows_of: Callable[[Sequence[str]], list[tuple[int, ...]]] | None = None) -> list[AnchorTeacher]:
+                    rows_of: Callable[[Sequence[EditRequest]], list[tuple[int, ...]]] | None = None
+                    ) -> list[AnchorTeacher]:
     """The anchors of one edit call with the model as it is before the edit.
 
     ``general``: one set shared by every request. ``subject`` and ``relation``: for an independent
     plan one set per request (its own subject's anchors), else one set with every request's.
-    ``rows_of``: makes the subject anchor rows of some subjects (a cache of them, say); by default
-    :func:`subject_anchor_rows` with ``model``.
+    ``rows_of``: makes the anchor rows of some requests, all with a subject (a cache of them, say);
+    by default :func:`request_anchor_rows` with ``model``.
     """
-    make_rows = rows_of or (lambda subjects: subject_anchor_rows(model, tokenizer, pad_id, subjects))
+    make_rows = rows_of or (lambda group: request_anchor_rows(model, tokenizer, pad_id, kind, group))
     if kind not in LOCALITY_ANCHOR_KINDS:
         raise ValueError(f"unknown anchor kind {kind!r}; choose from {list(LOCALITY_ANCHOR_KINDS)}")
     if kind == "general":
@@ -179,12 +190,9 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
     groups = [[r] for r in requests] if independent else [list(requests)]
     teachers = []
     for group in groups:
-        subjects = [r.subject for r in group if r.subject]
-        if not subjects:
-            teachers.append(anchor_teacher(model, tokenizer, pad_id))
-            continue
-        rows = relation_anchor_rows(model, tokenizer, pad_id, group) if kind == "relation" else make_rows(subjects)
-        teachers.append(teacher_from_rows(model, rows, pad_id))
+        rows = make_rows([r for r in group if r.subject]) if any(r.subject for r in group) else []
+        # no subject (or, under relation anchors, every relation named by the prompt): the general anchors
+        teachers.append(teacher_from_rows(model, rows, pad_id) if rows else anchor_teacher(model, tokenizer, pad_id))
     return teachers
 
 

@@ -44,7 +44,8 @@ class EditConfig:
         weight ``lambda_replay``, the target cross-entropy of ``replay_edits`` earlier edits of the
         editor's ledger, drawn afresh every step (:mod:`icelora.replay`); 0 turns it off.
     replay_anchors: with replay and ``lambda_locality > 0``: that many of each replayed edit's
-        subject anchors join the step's locality term (KL to the unedited model, weight
+        anchors (its relation anchors under ``locality_anchor_kind`` relation, its subject anchors
+        otherwise) join the step's locality term (KL to the unedited model, weight
         ``lambda_locality``), so earlier subjects keep what the model said about them; 0: none.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for

@@ -18,7 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
-from icelora.anchors import AnchorTeacher, anchor_teachers, subject_anchor_rows, teacher_from_rows
+from icelora.anchors import AnchorTeacher, anchor_teachers, request_anchor_rows, teacher_from_rows
 from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
@@ -142,9 +142,10 @@ class ICELoRAEditor:
         self.params = make_parameterization(base, self.architecture, self.config, self.layers)
         self.model = self.params.model
         self.ledger: list[EditRequest] = []
-        self._subject_rows: dict[str, AnchorRows] = {}  # replay anchors, made once per subject
-        #: replay ICE's sampling passes from CUDA graphs (``None``: wherever the model is on CUDA)
-        self.cuda_graphs: bool | None = None
+        self._anchor_rows: dict[tuple[str, str | None], AnchorRows] = {}  # made once per subject (or request)
+        #: replay ICE's sampling and training passes from CUDA graphs (``None``: wherever the model
+        #: is on CUDA; ``"sampling"``: the sampling passes only; ``False``: neither)
+        self.cuda_graphs: bool | str | None = None
 
     # -- editing -----------------------------------------------------------------------------
     @property
@@ -182,7 +183,7 @@ class ICELoRAEditor:
         the ledger's earlier edits (when ``replay_edits > 0``)."""
         plan = build_plan(self.tokenizer, batch, self.config)
         main = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
-        main.graph_sampling = self.cuda_graphs
+        main.cuda_graphs = self.cuda_graphs
         objective: Callable[[torch.nn.Module, int], LossParts] = main
         earlier = replayed_requests(self.ledger, batch) if replay and self.config.replay_edits else []
         if earlier:
@@ -244,7 +245,7 @@ class ICELoRAEditor:
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
         objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
-        objective.graph_sampling = self.cuda_graphs
+        objective.cuda_graphs = self.cuda_graphs
         start = time.perf_counter()
         histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
                                               objective, len(batch), self.config, progress=progress)
@@ -274,33 +275,46 @@ class ICELoRAEditor:
             return None
         with self.unedited(), autocast(self.model, self.config):  # as the student will see them
             return anchor_teachers(self.model, self.tokenizer, plan.pad_id, self.config.locality_anchor_kind,
-                                   plan.requests, plan.independent, lambda s: self._unedited_subject_rows(s, plan))
+                                   plan.requests, plan.independent, lambda rs: self._unedited_anchor_rows(rs, plan))
 
-    def _unedited_subject_rows(self, subjects: Sequence[str], plan: EditPlan) -> AnchorRows:
-        """The subject anchor rows of ``subjects``, each subject's made once (call under
-        :meth:`unedited`): an edit's anchors and, later, its replayed anchors share them."""
-        for subject in dict.fromkeys(subjects):
-            if subject not in self._subject_rows:
-                self._subject_rows[subject] = subject_anchor_rows(self.model, self.tokenizer, plan.pad_id, [subject])
-        return [row for subject in subjects for row in self._subject_rows[subject]]
+    def _anchor_key(self, request: EditRequest) -> tuple[str, str | None]:
+        """What a request's anchor rows depend on: its subject, and under relation anchors its
+        prompt too (the relations it names are left out)."""
+        return request.subject, request.prompt if self.config.locality_anchor_kind == "relation" else None
+
+    def _unedited_anchor_rows(self, requests: Sequence[EditRequest], plan: EditPlan) -> AnchorRows:
+        """The anchor rows of ``requests`` (those with a subject): relation anchors under
+        ``locality_anchor_kind`` relation, subject anchors otherwise; each made once (call under
+        :meth:`unedited`), so an edit's anchors and, later, its replayed anchors share them."""
+        rows: AnchorRows = []
+        for request in requests:
+            if not request.subject:
+                continue
+            key = self._anchor_key(request)
+            if key not in self._anchor_rows:
+                kind = "relation" if key[1] is not None else "subject"
+                self._anchor_rows[key] = request_anchor_rows(self.model, self.tokenizer, plan.pad_id, kind, [request])
+            rows.extend(self._anchor_rows[key])
+        return rows
 
     def replay_anchors(self, plan: EditPlan) -> ReplayAnchors | None:
-        """The subject anchors of the earlier edits in ``plan`` and their pre-edit distributions
-        (``None`` unless ``replay_anchors`` and ``lambda_locality`` are on). Each subject's anchor
-        rows are made once, by the unedited model, and kept; the distributions are computed on the
-        rows each step draws."""
+        """The anchors of the earlier edits in ``plan`` (relation anchors under
+        ``locality_anchor_kind`` relation, subject anchors otherwise) and their pre-edit
+        distributions (``None`` unless ``replay_anchors`` and ``lambda_locality`` are on). Each
+        edit's anchor rows are made once, by the unedited model, and kept; the distributions are
+        computed on the rows each step draws."""
         if not (self.config.replay_anchors and self.config.lambda_locality):
             return None
-        missing = sorted({r.subject for r in plan.requests if r.subject} - self._subject_rows.keys())
+        missing = [r for r in plan.requests if r.subject and self._anchor_key(r) not in self._anchor_rows]
         if missing:
             with self.unedited(), autocast(self.model, self.config):
-                self._unedited_subject_rows(missing, plan)
+                self._unedited_anchor_rows(missing, plan)
 
         def teacher(rows: AnchorRows) -> AnchorTeacher:
             with self.unedited(), autocast(self.model, self.config):  # as the student will see them
                 return teacher_from_rows(self.model, rows, plan.pad_id)
 
-        return ReplayAnchors(rows=[self._subject_rows[r.subject] if r.subject else [] for r in plan.requests],
+        return ReplayAnchors(rows=[self._anchor_rows[self._anchor_key(r)] if r.subject else [] for r in plan.requests],
                              teacher=teacher)
 
     def revert(self) -> None:

@@ -42,6 +42,7 @@ from icelora.tokenization import (
     span_index,
     to_device,
 )
+from icelora.training_graphs import FixedShapeForward
 
 #: Instruction prefixes the ICE reference code draws from for every context row.
 REFERENCE_PREFIXES = (
@@ -207,16 +208,19 @@ def completion_mask(batch: PaddedBatch, encoded: list[PromptTarget], alive: torc
 @dataclass
 class Rider:
     """Extra rows (the locality anchors) carried through an objective's main forward pass, so they
-    cost no pass of their own; ``logits`` is filled by that pass."""
+    cost no pass of their own; ``logits`` is filled by that pass. ``width``: the widest row the
+    anchors of an edit can have; a fixed-shape pass (:mod:`icelora.training_graphs`) is padded to
+    at least this width, so that its shape is the same at every step."""
 
     batch: PaddedBatch
     owners: list[int]
     logits: torch.Tensor | None = None
+    width: int = 0
 
 
-def _stack(first: PaddedBatch, second: PaddedBatch, pad_id: int) -> dict[str, torch.Tensor]:
-    """Forward arguments of two right-padded batches as one (padded to the wider)."""
-    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+def _stack(first: PaddedBatch, second: PaddedBatch, pad_id: int, width: int = 0) -> dict[str, torch.Tensor]:
+    """Forward arguments of two right-padded batches as one (padded to the wider, or ``width``)."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1], width)
 
     def widen(t: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(t, (0, width - t.shape[1]), value=value)
@@ -227,11 +231,17 @@ def _stack(first: PaddedBatch, second: PaddedBatch, pad_id: int) -> dict[str, to
 
 
 def _forward(model: nn.Module, batch: PaddedBatch, plan: EditPlan, owners: Sequence[int],
-             rider: Rider | None = None) -> torch.Tensor:
-    """Logits of ``batch`` (each row routed to its owner's adapter); ``rider`` rows ride along."""
+             rider: Rider | None = None, fixed: FixedShapeForward | None = None) -> torch.Tensor:
+    """Logits of ``batch`` (each row routed to its owner's adapter); ``rider`` rows ride along.
+    ``fixed``: the pass runs there (unrouted rows; the rider padded to its ``width``)."""
     if rider is None:
+        if fixed is not None:
+            return fixed(model, **batch.forward_kwargs())
         return model(**batch.forward_kwargs(), **plan.route(owners)).logits
-    logits = model(**_stack(batch, rider.batch, plan.pad_id), **plan.route([*owners, *rider.owners])).logits
+    if fixed is not None:
+        logits = fixed(model, **_stack(batch, rider.batch, plan.pad_id, rider.width))
+    else:
+        logits = model(**_stack(batch, rider.batch, plan.pad_id), **plan.route([*owners, *rider.owners])).logits
     rows, width = batch.input_ids.shape
     rider.logits = logits[rows:]
     return logits[:rows, :width]
@@ -349,16 +359,32 @@ class IceLayout:
     target_owner: torch.Tensor
     completion: TokenIndex
     completion_owner: torch.Tensor
-    samplers: dict[int, FixedShapeSampler | None] = field(default_factory=dict, repr=False, compare=False)
+    usable: dict[int, bool] = field(default_factory=dict, repr=False, compare=False)
+    samplers: dict[int, FixedShapeSampler] = field(default_factory=dict, repr=False, compare=False)
+    forwards: dict[int, FixedShapeForward] = field(default_factory=dict, repr=False, compare=False)
+
+    def graphs_usable(self, model: nn.Module, plan: EditPlan) -> bool:
+        """Whether :func:`graphs_apply` allows CUDA graphs for ``model``'s passes (decided at the
+        first step of the edit, kept for the rest)."""
+        if id(model) not in self.usable:
+            self.usable[id(model)] = graphs_apply(model, plan, self.owners, self.context.input_ids.device)
+        return self.usable[id(model)]
 
     def sampler(self, model: nn.Module, plan: EditPlan, length: int) -> FixedShapeSampler | None:
-        """The CUDA-graph sampler of ``model`` after the context rows, or ``None`` where
-        :func:`graphs_apply` says no (decided at the first step of the edit, kept for the rest)."""
+        """The CUDA-graph sampler of ``model`` after the context rows (``None`` where graphs do not apply)."""
+        if not self.graphs_usable(model, plan):
+            return None
         if id(model) not in self.samplers:
-            device = self.context.input_ids.device
-            usable = graphs_apply(model, plan, self.owners, device)
-            self.samplers[id(model)] = FixedShapeSampler(model, self.context, length, graphs=True) if usable else None
+            self.samplers[id(model)] = FixedShapeSampler(model, self.context, length, graphs=True)
         return self.samplers[id(model)]
+
+    def training_pass(self, model: nn.Module, plan: EditPlan) -> FixedShapeForward | None:
+        """The CUDA-graph training pass of ``model`` (``None`` where graphs do not apply)."""
+        if not self.graphs_usable(model, plan):
+            return None
+        if id(model) not in self.forwards:
+            self.forwards[id(model)] = FixedShapeForward(graphs=True)
+        return self.forwards[id(model)]
 
     def student_with(self, tokens: torch.Tensor) -> PaddedBatch:
         """The student rows with the sampled completion ``tokens`` [R, m] in place (on the device)."""
@@ -395,21 +421,23 @@ def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device) -> IceL
 
 
 def graphs_apply(model: nn.Module, plan: EditPlan, owners: Sequence[int], device: torch.device) -> bool:
-    """Whether the sampling passes can be replayed from CUDA graphs: on CUDA, outside autocast,
-    rows not routed to separate adapters, and a model the fixed-shape passes can drive."""
+    """Whether an ICE step's passes (sampling and training) can be replayed from CUDA graphs: on
+    CUDA, outside autocast, rows not routed to separate adapters, and a model the fixed-shape
+    passes can drive."""
     return (device.type == "cuda" and not torch.is_autocast_enabled(device.type) and not plan.route(owners)
             and fixed_shape_supported(model))
 
 
 def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
              generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None,
-             graphs: bool = False) -> LossParts:
+             graphs: bool = False, graphed_training: bool = False) -> LossParts:
     """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
 
     ``generators``: one for all rows, or (independent plans) one per request. Every shape is fixed
     by the layout, so the step is queued on the device without the host reading anything back.
     ``graphs``: replay the sampling passes from CUDA graphs where :func:`graphs_apply` allows
-    (:mod:`icelora.sampling_graphs`).
+    (:mod:`icelora.sampling_graphs`); ``graphed_training``: the training pass too
+    (:mod:`icelora.training_graphs`).
     """
     device = next(model.parameters()).device
     layout = ice_layout(plan, config, device)
@@ -417,7 +445,8 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     completions = sample(model, layout.context, config.completion_length, config.temperature,
                          _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
     student = layout.student_with(completions.tokens)
-    logits = _forward(model, student, plan, layout.owners, rider)
+    fixed = layout.training_pass(model, plan) if graphed_training else None
+    logits = _forward(model, student, plan, layout.owners, rider, fixed)
     n = len(plan.requests)
 
     pred, labels = layout.target.logits(logits), layout.target.labels(student.input_ids)
@@ -517,7 +546,7 @@ class Objective:
         if len(self.anchors) > 1 and (not plan.independent or len(self.anchors) != len(plan.requests)):
             raise ValueError(f"{len(self.anchors)} anchor sets need an independent plan of as many requests")
         self.main_pass_anchors: bool | None = None
-        self.graph_sampling: bool | None = None
+        self.cuda_graphs: bool | str | None = None
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
@@ -544,7 +573,8 @@ class Objective:
         batch = pad_rows(anchor_rows(teachers, chosen), plan.pad_id, device=device)
         row_owners = [k for k, mine in enumerate(chosen) for _ in mine]
         if self.anchors_in_main_pass(device):
-            rider = Rider(batch=batch, owners=row_owners)
+            width = max(len(row) for teacher in teachers for row in teacher.rows)
+            rider = Rider(batch=batch, owners=row_owners, width=width)
             parts = self.objective_parts(model, plan, step, generators, rngs, rider)
             logits = rider.logits
         else:
@@ -560,10 +590,21 @@ class Objective:
         own pass on the CPU, whose steps are bound by arithmetic."""
         return self.main_pass_anchors if self.main_pass_anchors is not None else device.type != "cpu"
 
+    def _graphs_setting(self, device: torch.device) -> bool | str:
+        """``cuda_graphs``, or where it is ``None`` whether ``device`` is a CUDA device."""
+        if self.cuda_graphs not in (None, True, False, "sampling"):
+            raise ValueError(f"cuda_graphs must be None, True, False or 'sampling', got {self.cuda_graphs!r}")
+        return self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
+
     def samples_from_graphs(self, device: torch.device) -> bool:
         """Whether the ICE sampling passes are replayed from CUDA graphs (where they can be):
-        ``graph_sampling`` decides when set; by default on CUDA."""
-        return self.graph_sampling if self.graph_sampling is not None else device.type == "cuda"
+        ``cuda_graphs`` decides when set (``True`` or ``"sampling"``); by default on CUDA."""
+        return self._graphs_setting(device) in (True, "sampling")
+
+    def trains_from_graphs(self, device: torch.device) -> bool:
+        """Whether the ICE training pass is replayed from CUDA graphs (where it can be):
+        ``cuda_graphs`` decides when set (``True`` only); by default on CUDA."""
+        return self._graphs_setting(device) is True
 
     def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],
                         rngs: list[random.Random], rider: Rider | None) -> LossParts:
@@ -573,8 +614,9 @@ class Objective:
         if name == "ft-last":
             return ft_last_loss(model, plan, self.config, step, rider)
         if name == "ice":
-            graphs = self.samples_from_graphs(next(model.parameters()).device)
-            return ice_loss(model, plan, self.config, step, generators, rider, graphs)
+            device = next(model.parameters()).device
+            return ice_loss(model, plan, self.config, step, generators, rider, self.samples_from_graphs(device),
+                            self.trains_from_graphs(device))
         if name == "ice-reference":
             return ice_reference_loss(model, plan, self.config, step, generators, rngs, rider)
         raise ValueError(f"unknown objective {name!r}")

@@ -14,7 +14,8 @@ replayed (its old target would fight the new one). The step's reported numbers a
 stopping stay those of the new edit.
 
 With ``replay_anchors = a > 0`` (and ``lambda_locality > 0``) each replayed edit also brings ``a``
-of its subject's locality anchors (:mod:`icelora.anchors`), and the step adds
+of its own locality anchors (:mod:`icelora.anchors`: its relation anchors under
+``locality_anchor_kind`` relation, its subject anchors otherwise), and the step adds
 
     lambda_locality * mean_t KL(p0(.|a<t) || q(.|a<t))
 

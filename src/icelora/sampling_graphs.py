@@ -23,10 +23,11 @@ numbers either way (adapter dropout, off in every preset, draws inside the passe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,10 +44,14 @@ log = logging.getLogger(__name__)
 #: Attention implementations whose prepared 4-D masks are plain tensors made here.
 MASKED_ATTENTION = ("sdpa", "eager")
 
-#: The ``--cuda-graphs`` choices of the command-line tools and the editor setting each gives.
-CUDA_GRAPHS_SETTINGS: dict[str, bool | None] = {"auto": None, "yes": True, "no": False}
+#: The ``--cuda-graphs`` choices of the command-line tools and the editor setting each gives: the
+#: ICE step's sampling and training passes from CUDA graphs on CUDA (``auto``), always where they
+#: apply (``yes``), never (``no``), or the sampling passes only (``sampling``).
+CUDA_GRAPHS_SETTINGS: dict[str, bool | str | None] = {"auto": None, "yes": True, "no": False,
+                                                     "sampling": "sampling"}
 
-#: Models whose passes failed to record: they are not tried again.
+#: Models whose sampling passes failed to record: they are not tried again (the training pass has
+#: its own set, :data:`icelora.training_graphs._UNRECORDABLE`: one may record where the other fails).
 _UNRECORDABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -90,7 +95,8 @@ def empty_cache(model: nn.Module, dtype: torch.dtype, device: torch.device) -> D
     return cache
 
 
-def _compute_dtype(model: nn.Module) -> torch.dtype:
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in (that of its input embeddings)."""
     return model.get_input_embeddings().weight.dtype
 
 
@@ -100,6 +106,26 @@ def side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
     gets its own cuBLAS workspace, kept until the process ends, so a stream per edit would grow
     the memory held edit after edit."""
     return torch.cuda.Stream(device)
+
+
+@contextlib.contextmanager
+def capturing(device: torch.device) -> Iterator[Any]:
+    """Work on the shared capture stream of ``device`` (after everything queued before is done),
+    with a fresh memory pool for the recordings made inside; the current stream waits for it after."""
+    torch.cuda.synchronize(device)
+    stream = side_stream(device, "capture")
+    with torch.cuda.stream(stream):
+        yield torch.cuda.graph_pool_handle()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def recorded(graph: torch.cuda.CUDAGraph, pool: Any, work: Callable[[], Any]) -> Any:
+    """Record ``work()`` into ``graph`` (in ``pool``; call inside :func:`capturing`); its result."""
+    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    try:
+        return work()
+    finally:
+        graph.capture_end()
 
 
 class FixedShapeSampler:
@@ -116,7 +142,7 @@ class FixedShapeSampler:
         self.batch = batch
         self.length = length
         self.graphs = graphs and batch.input_ids.device.type == "cuda"
-        self.dtype = _compute_dtype(model)
+        self.dtype = compute_dtype(model)
         device = batch.input_ids.device
         rows, width = batch.input_ids.shape
         padding = batch.attention_mask
@@ -162,23 +188,15 @@ class FixedShapeSampler:
         """Capture every pass as a CUDA graph sharing one memory pool; keep each pass's outputs and
         cache tensors alive, since the later passes (and the replays) read them where they are."""
         device = self.batch.input_ids.device
-        torch.cuda.synchronize(device)
-        cache = empty_cache(model, self.dtype, device)
-        stream = side_stream(device, "capture")
-        pool = torch.cuda.graph_pool_handle()
-        recorded, outputs = [], []
-        with torch.cuda.stream(stream):
+        graphs, outputs = [], []
+        with capturing(device) as pool:
+            cache = empty_cache(model, self.dtype, device)
             for index in range(self.length):
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                try:
-                    outputs.append(self._pass(model, index, cache))
-                finally:
-                    graph.capture_end()
-                recorded.append(graph)
+                outputs.append(recorded(graph, pool, lambda index=index: self._pass(model, index, cache)))
+                graphs.append(graph)
                 self.kept.extend(t for layer in cache.layers for t in (layer.keys, layer.values))
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.recorded, self.outputs = recorded, outputs
+        self.recorded, self.outputs = graphs, outputs
 
     def _replay(self, index: int) -> torch.Tensor:
         """Pass ``index`` replayed; its output tensor (overwritten by the next replay)."""

@@ -146,7 +146,11 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
         anchors = [shared] * len(plans)
     else:
         anchors = [editor.anchor_teachers(plan) for plan in plans]
-    objective = CyclingObjective([Objective(plan, edit_config, device, a) for plan, a in zip(plans, anchors)])
+    objectives = [Objective(plan, edit_config, device, a) for plan, a in zip(plans, anchors)]
+    if len(objectives) > 1:  # a recorded training pass per minibatch would hold each one's activations at once
+        for each in objectives:
+            each.cuda_graphs = "sampling"
+    objective = CyclingObjective(objectives)
     optimizer = make_optimizer(editor.params, edit_config)
     start = 0
     checkpoints = sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

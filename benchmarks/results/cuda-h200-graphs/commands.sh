@@ -24,3 +24,25 @@ python benchmarks/edit_speed.py --device cuda --tokenizer TOKENIZER_DIR --shape 
 python -m pytest -q tests/test_sampling_graphs.py
 python benchmarks/edit_speed.py --device cuda --tokenizer TOKENIZER_DIR --shape gpt2-xl --dtype bfloat16 \
     --methods ice-lora --warmup --edits 8 --cuda-graphs yes --json 8-edits-shared-streams-gpt2-xl-bf16-warmup-graphs-yes.json
+
+# Call 4 (files 8-edits-same-machine-*): the CUDA tests, then 8 edits with and without graphs on the
+# same machine (the code of call 3).
+python -m pytest -q tests/test_sampling_graphs.py
+for g in yes no; do
+  python benchmarks/edit_speed.py --device cuda --tokenizer TOKENIZER_DIR --shape gpt2-xl --dtype bfloat16 \
+      --methods ice-lora --warmup --edits 8 --cuda-graphs $g --json 8-edits-same-machine-gpt2-xl-bf16-warmup-graphs-$g.json
+done
+
+# Call 5 (files 8-edits-training-graphs-*): the CUDA tests of both graph modules, then the same 8
+# edits with the sampling and training passes recorded (yes), the sampling passes only, and eagerly.
+python -m pytest -q tests/test_training_graphs.py tests/test_sampling_graphs.py
+for g in yes sampling no; do
+  python benchmarks/edit_speed.py --device cuda --tokenizer TOKENIZER_DIR --shape gpt2-xl --dtype bfloat16 \
+      --methods ice-lora --warmup --edits 8 --cuda-graphs $g --json 8-edits-training-graphs-gpt2-xl-bf16-warmup-graphs-$g.json
+done
+
+# Call 6 (files 8-edits-call6-*): the current code (call 5's after review), the CUDA tests of both
+# graph modules and the same 8 edits with graphs.
+python -m pytest -q tests/test_training_graphs.py tests/test_sampling_graphs.py
+python benchmarks/edit_speed.py --device cuda --tokenizer TOKENIZER_DIR --shape gpt2-xl --dtype bfloat16 \
+    --methods ice-lora --warmup --edits 8 --cuda-graphs yes --json 8-edits-call6-gpt2-xl-bf16-warmup-graphs-yes.json
