@@ -19,6 +19,7 @@ Two kinds of anchors (``EditConfig.locality_anchor_kind``):
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,11 @@ class AnchorTeacher:
 
     rows: list[tuple[int, ...]]
     log_probs: list[torch.Tensor]  # per anchor: [len(row) - 1, V], on the model's device
+
+    @functools.cached_property
+    def widest(self) -> int:
+        """The length of the longest anchor row (what a fixed-shape pass pads the anchors to)."""
+        return max(len(row) for row in self.rows)
 
     def choose(self, count: int, seed: int, step: int) -> list[int]:
         """The anchors step ``step`` uses: ``count`` of them, a function of (seed, step) only."""

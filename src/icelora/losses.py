@@ -234,14 +234,13 @@ def _forward(model: nn.Module, batch: PaddedBatch, plan: EditPlan, owners: Seque
              rider: Rider | None = None, fixed: FixedShapeForward | None = None) -> torch.Tensor:
     """Logits of ``batch`` (each row routed to its owner's adapter); ``rider`` rows ride along.
     ``fixed``: the pass runs there (unrouted rows; the rider padded to its ``width``)."""
+    if rider is not None:
+        owners = [*owners, *rider.owners]
+    kwargs = batch.forward_kwargs() if rider is None else _stack(batch, rider.batch, plan.pad_id,
+                                                                 rider.width if fixed is not None else 0)
+    logits = fixed(model, **kwargs) if fixed is not None else model(**kwargs, **plan.route(owners)).logits
     if rider is None:
-        if fixed is not None:
-            return fixed(model, **batch.forward_kwargs())
-        return model(**batch.forward_kwargs(), **plan.route(owners)).logits
-    if fixed is not None:
-        logits = fixed(model, **_stack(batch, rider.batch, plan.pad_id, rider.width))
-    else:
-        logits = model(**_stack(batch, rider.batch, plan.pad_id), **plan.route([*owners, *rider.owners])).logits
+        return logits
     rows, width = batch.input_ids.shape
     rider.logits = logits[rows:]
     return logits[:rows, :width]
@@ -573,8 +572,7 @@ class Objective:
         batch = pad_rows(anchor_rows(teachers, chosen), plan.pad_id, device=device)
         row_owners = [k for k, mine in enumerate(chosen) for _ in mine]
         if self.anchors_in_main_pass(device):
-            width = max(len(row) for teacher in teachers for row in teacher.rows)
-            rider = Rider(batch=batch, owners=row_owners, width=width)
+            rider = Rider(batch=batch, owners=row_owners, width=max(t.widest for t in teachers))
             parts = self.objective_parts(model, plan, step, generators, rngs, rider)
             logits = rider.logits
         else:
