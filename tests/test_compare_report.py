@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -225,3 +226,35 @@ def test_compare_runs_only_the_chosen_dataset_and_protocol(tmp_path, capsys, tin
     assert not (out / "mixed").exists() and (out / "sequential-mixed" / "lora" / "metrics.json").exists()
     assert main(["compare", "--config", study, "--output", str(out), "--dataset", "zsre-ice", "-q"]) == 2
     assert "the study has no dataset ['zsre-ice']; it has ['mixed']" in capsys.readouterr().err
+
+
+def test_paired_differences_pair_records_by_index(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paired_differences
+
+    def write(name, rows):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    base = write("base", [{"index": i, "locality": 0.5, "rephrase": None} for i in range(4)])
+    # records in another order, one extra record the base lacks, one rephrase value with no partner
+    other = write("other", [{"index": 3, "locality": 0.9, "rephrase": 1.0},
+                            {"index": 0, "locality": 0.7, "rephrase": None},
+                            {"index": 1, "locality": 0.5}, {"index": 2, "locality": 0.5},
+                            {"index": 9, "locality": 0.0}])
+    rows = paired_differences.paired_differences(paired_differences.load_cases(base),
+                                                 paired_differences.load_cases(other))
+    assert [r.metric for r in rows] == ["locality"]                     # no rephrase pair anywhere
+    (locality,) = rows
+    assert locality.n == 4 and locality.mean == pytest.approx(0.15)
+    # differences 0.2, 0, 0, 0.4 (deviations 0.05, -0.15, -0.15, 0.25): sample variance over n, square root
+    assert locality.standard_error == pytest.approx(math.sqrt((0.05 ** 2 + 2 * 0.15 ** 2 + 0.25 ** 2) / 3 / 4))
+    paired_differences.main([str(base), str(other)])
+    assert "| locality | 4 | +0.150 ± 0.096 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no cases\.jsonl"):
+        paired_differences.load_cases(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -107,21 +108,23 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 
 
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
-@pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors", "ice-lora+subject-anchors"])
+@pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors", "ice-lora+subject-anchors",
+                                    "ice-lora+relation-anchors"])
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
-def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
+def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplog):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
     rate amplifies rounding on these tiny random models: together, rows go through the adapters
     concatenated (``icelora.row_routing``), whose sums round differently; seen: 6e-10 in an adapter,
     9e-8 in the logits). ``+anchors``: with the locality
     term, each edit's anchor rows routed to its own adapter; ``+subject-anchors``: each edit with
-    anchors about its own subject (the last request has none: it gets the general anchors)."""
+    anchors about its own subject (the last request has none: it gets the general anchors);
+    ``+relation-anchors``: the same with its subject's other relations."""
     loaded = builder()
     loaded.model.double()
     requests = REQUESTS
     extra = {"lambda_locality": 0.5, "locality_anchors": 2} if method.endswith("anchors") else {}
-    if method.endswith("+subject-anchors"):
-        extra["locality_anchor_kind"] = "subject"
+    if method.endswith(("+subject-anchors", "+relation-anchors")):
+        extra["locality_anchor_kind"] = method.split("+")[1].split("-")[0]
         requests = [replace(REQUESTS[0], subject="The Eiffel Tower"), replace(REQUESTS[1], subject="Danielle Darrieux"),
                     REQUESTS[2]]
     method = method.split("+")[0]
@@ -137,8 +140,11 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together):
 
     editor.edit(requests[0], progress=False)  # an edit the live model holds: edit_each starts from the unedited model
     held = editor.model(probe).logits
+    caplog.set_level(logging.INFO, logger="icelora")
     with editor.edit_each(requests, progress=False, together=together) as edits:
         assert len(edits.adapters) == len(requests) == len(set(edits.adapters))
+        (logged,) = [r.getMessage() for r in caplog.records if "separately" in r.msg]  # formats (joint seconds)
+        assert logged.endswith(f"{edits.seconds:.2f} s")
         for k, (result, tensors, logits) in enumerate(alone):
             mine = edits.results[k]
             assert mine.steps == result.steps

@@ -231,13 +231,14 @@ class ICELoRAEditor:
             trainable = sum(p.numel() for p in tensors[0].values())
             _, total = self.parameter_counts()
             total -= trainable * len(batch)
-            log.info("edited %d request(s) separately with %s in %d steps at most, %.2f s", len(batch),
-                     self.method, max(len(h) for h in histories), seconds)
             results = [EditResult(requests=[r], method=self.method, steps=len(h), seconds=s,
                                   trainable_params=trainable, total_params=total,
                                   stopped_early=len(h) < self.config.max_steps, history=h)
                        for r, h, s in zip(batch, histories, _seconds_per_edit(seconds, len(batch)))]
-            yield SeparateEdits(results=results, adapters=names, seconds=sum(r.seconds for r in results))
+            joint = sum(r.seconds for r in results)
+            log.info("edited %d request(s) separately with %s in %d steps at most, %.2f s", len(batch),
+                     self.method, max(len(h) for h in histories), joint)
+            yield SeparateEdits(results=results, adapters=names, seconds=joint)
         finally:
             self.params.remove_separate_adapters(names)
 

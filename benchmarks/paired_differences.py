@@ -1,0 +1,81 @@
+"""Paired differences between two runs on the records both finished: mean and standard error.
+
+    python benchmarks/paired_differences.py BASE_RUN OTHER_RUN
+
+Each run is an ``icelora eval`` output folder (its ``cases.jsonl``). For every per-case metric,
+the difference OTHER - BASE is taken record by record (records matched by their index; a record
+where either run has no value, like ``rephrase`` on WikiData_recent, is left out of that metric)
+and reported as its mean ± the standard error of the mean. Two settings run on the same records
+differ far less per record than the records differ from each other, so this is the comparison
+``reports/tuning.md`` quotes. ``fluency`` is in bits (the n-gram entropy of the generated text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of OTHER - BASE over ``n`` shared records, and its standard error."""
+
+    metric: str
+    n: int
+    mean: float
+    standard_error: float
+
+
+def load_cases(folder: Path) -> dict[int, dict]:
+    """The run's finished cases by record index."""
+    path = folder / "cases.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{folder}: no cases.jsonl (not an icelora eval output folder)")
+    cases = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            case = json.loads(line)
+            if "index" not in case:
+                raise SystemExit(f"{path}, line {number}: a case without an 'index' field")
+            cases[case["index"]] = case
+    return cases
+
+
+def paired_differences(base: dict[int, dict], other: dict[int, dict],
+                       metrics: tuple[str, ...] = METRICS) -> list[PairedDifference]:
+    """Per metric, OTHER - BASE over the records both have a value for (metrics with none left out)."""
+    shared = sorted(set(base) & set(other))
+    out = []
+    for metric in metrics:
+        diffs = [float(other[i][metric]) - float(base[i][metric]) for i in shared
+                 if base[i].get(metric) is not None and other[i].get(metric) is not None]
+        if not diffs:
+            continue
+        mean = sum(diffs) / len(diffs)
+        variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
+        out.append(PairedDifference(metric, len(diffs), mean, math.sqrt(variance / len(diffs))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("other", type=Path)
+    args = parser.parse_args(argv)
+    rows = paired_differences(load_cases(args.base), load_cases(args.other))
+    if not rows:
+        raise SystemExit(f"{args.base} and {args.other} share no finished record")
+    print(f"{args.other.name} - {args.base.name}, paired on shared records (mean ± standard error):")
+    print("| metric | n | difference |")
+    print("|---|---|---|")
+    for row in rows:
+        print(f"| {row.metric} | {row.n} | {row.mean:+.3f} ± {row.standard_error:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
