@@ -19,13 +19,16 @@ from icelora.anchors import (
     anchor_teacher,
     anchor_teachers,
     greedy_extend,
-    relation_anchor_rows,
+    greedy_teacher,
+    relation_anchors,
     relations_apart_from,
+    teacher_from_rows,
 )
 from icelora.errors import InvalidConfigError
 from icelora.losses import Objective, build_plan
 from icelora.request import EditRequest
 from icelora.tokenization import pad_rows
+from tests.conftest import tiny_gpt2, tiny_llama
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome",
                       contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower."))
@@ -112,6 +115,45 @@ def test_greedy_extend_appends_the_models_argmax_tokens(tiny):
         assert [int(logits[i].argmax()) for i in range(len(row) - 1, len(longer) - 1)] == list(longer[len(row):])
     stopped = greedy_extend(tiny.model, rows, pad, 3, eos_id=extended[0][len(rows[0])])
     assert stopped[0] == extended[0][: len(rows[0]) + 1]  # nothing after EOS
+
+
+def extend_a_full_pass_at_a_time(model: nn.Module, rows: list[tuple[int, ...]], pad: int, tokens: int,
+                                 eos_id: int | None) -> list[tuple[int, ...]]:
+    """Reference greedy extension: every token from a full pass over the rows so far."""
+    done = [False] * len(rows)
+    for _ in range(tokens):
+        with torch.no_grad():
+            logits = model(**pad_rows(rows, pad).forward_kwargs()).logits
+        picked = [int(logits[i, len(r) - 1].argmax()) for i, r in enumerate(rows)]
+        rows = [r if d else (*r, t) for r, d, t in zip(rows, done, picked)]
+        done = [d or t == eos_id for d, t in zip(done, picked)]
+    return rows
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_greedy_teacher_equals_full_passes_then_a_teacher_pass(builder):
+    """One cached decode gives the rows and the teacher's distributions on them: the same, up to
+    rounding, as extending a full pass at a time and then a pass over the finished rows (rows of
+    different lengths; one stopped by EOS)."""
+    loaded = builder()
+    loaded.model.double()
+    pad = loaded.tokenizer.pad_token_id
+    prompts = [tuple(loaded.tokenizer(t)["input_ids"]) for t in ("The river flows past", "A", "Who wrote the novel")]
+    reference = extend_a_full_pass_at_a_time(loaded.model, prompts, pad, 3, eos_id=None)
+    eos = reference[1][len(prompts[1]) + 1]          # the second row stops by its second token
+    for eos_id in (None, eos):
+        expected = extend_a_full_pass_at_a_time(loaded.model, prompts, pad, 3, eos_id)
+        made = greedy_teacher(loaded.model, prompts, pad, 3, eos_id)
+        assert made.rows == expected
+        stopped = [len(r) < len(p) + 3 for r, p in zip(expected, prompts)]
+        assert any(stopped) if eos_id is not None else not any(stopped)
+        before = teacher_from_rows(loaded.model, expected, pad)
+        for mine, theirs, row in zip(made.log_probs, before.log_probs, expected):
+            assert mine.shape == theirs.shape == (len(row) - 1, theirs.shape[-1])
+            assert torch.allclose(mine, theirs, atol=1e-9)
+    assert greedy_teacher(loaded.model, [], pad, 3, None).rows == []
+    no_tokens = greedy_teacher(loaded.model, prompts, pad, 0, None)
+    assert no_tokens.rows == prompts and [len(lp) for lp in no_tokens.log_probs] == [len(p) - 1 for p in prompts]
 
 
 def test_subject_anchors_are_about_each_requests_subject(tiny):
@@ -204,7 +246,7 @@ def test_relation_anchors_ask_the_subjects_other_relations(tiny):
     assert relations_apart_from("Who fathered Gervase of Blois?") == list(SUBJECT_RELATIONS)
     request = EditRequest(prompt="Which family does Epaspidoceras belong to?", target="Noctuidae",
                           subject="Epaspidoceras")
-    rows = relation_anchor_rows(tiny.model, tiny.tokenizer, tiny.tokenizer.pad_token_id, [request])
+    rows = relation_anchors(tiny.model, tiny.tokenizer, tiny.tokenizer.pad_token_id, [request]).rows
     relations = relations_apart_from(request.prompt)
     assert "family name" not in relations
     assert len(rows) == len(relations) * len(RELATION_TEMPLATES)

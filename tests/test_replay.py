@@ -7,7 +7,7 @@ import torch
 
 from icelora import EditConfig, ICELoRAEditor
 from icelora import anchors as anchor_module
-from icelora.anchors import SUBJECT_TEMPLATES, anchor_kl_from_logits, subject_anchor_rows, teacher_from_rows
+from icelora.anchors import SUBJECT_TEMPLATES, anchor_kl_from_logits, subject_anchors, teacher_from_rows
 from icelora.errors import InvalidConfigError
 from icelora.evaluation.metrics import continuation_nll
 from icelora.losses import Objective, build_plan, ft_loss
@@ -156,7 +156,7 @@ def test_the_editor_makes_replay_anchors_with_the_unedited_model(tiny):
                            lambda_locality=1.0, locality_anchor_kind="subject", replay_edits=2, replay_anchors=2)
     plan = build_plan(editor.tokenizer, EARLIER, editor.config)
     with torch.no_grad():
-        before_rows = [subject_anchor_rows(editor.model, editor.tokenizer, plan.pad_id, [r.subject])
+        before_rows = [subject_anchors(editor.model, editor.tokenizer, plan.pad_id, [r.subject]).rows
                        if r.subject else [] for r in EARLIER]
         before = teacher_from_rows(editor.model, before_rows[0], plan.pad_id)
     editor.edit(EARLIER[:2], progress=False)
@@ -183,7 +183,7 @@ def _earlier_subject_drift(replay_anchors: int) -> float:
     plan = build_plan(editor.tokenizer, requests[:-1], editor.config)
     with torch.no_grad():
         rows = [row for r in requests[:-1]
-                for row in subject_anchor_rows(editor.model, editor.tokenizer, plan.pad_id, [r.subject])]
+                for row in subject_anchors(editor.model, editor.tokenizer, plan.pad_id, [r.subject]).rows]
         teacher = teacher_from_rows(editor.model, rows, plan.pad_id)
     for request in requests:
         editor.edit(request, progress=False)
@@ -199,8 +199,8 @@ def test_replayed_anchors_keep_earlier_subjects_as_they_were():
 
 def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):
     made = []
-    make = anchor_module.subject_anchor_rows
-    monkeypatch.setattr(anchor_module, "subject_anchor_rows",
+    make = anchor_module.subject_anchors
+    monkeypatch.setattr(anchor_module, "subject_anchors",
                         lambda model, tokenizer, pad_id, subjects: made.append(list(subjects))
                         or make(model, tokenizer, pad_id, subjects))
     editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=2, lambda_locality=1.0,
@@ -213,8 +213,8 @@ def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):
 
 def test_relation_anchors_are_replayed_as_relation_anchors(tiny, monkeypatch):
     made = []
-    make = anchor_module.relation_anchor_rows
-    monkeypatch.setattr(anchor_module, "relation_anchor_rows",
+    make = anchor_module.relation_anchors
+    monkeypatch.setattr(anchor_module, "relation_anchors",
                         lambda model, tokenizer, pad_id, requests: made.append([r.prompt for r in requests])
                         or make(model, tokenizer, pad_id, requests))
     editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=2, lambda_locality=1.0,
@@ -222,7 +222,7 @@ def test_relation_anchors_are_replayed_as_relation_anchors(tiny, monkeypatch):
     earlier = [r for r in EARLIER if r.subject]
     plan = build_plan(editor.tokenizer, earlier, editor.config)
     with torch.no_grad():
-        before = [make(editor.model, editor.tokenizer, plan.pad_id, [r]) for r in earlier]
+        before = [make(editor.model, editor.tokenizer, plan.pad_id, [r]).rows for r in earlier]
     for request in [*earlier, NEW]:  # each edit's own anchors, then the same rows when it is replayed
         editor.edit(request, progress=False)
     assert made == [[r.prompt] for r in [*earlier, NEW]]

@@ -125,30 +125,58 @@ def anchor_teacher(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id:
 
 
 @torch.no_grad()
-def greedy_extend(model: nn.Module, rows: list[tuple[int, ...]], pad_id: int, tokens: int,
+def greedy_teacher(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, tokens: int,
+                   eos_id: int | None) -> AnchorTeacher:
+    """Each prompt followed by the model's ``tokens`` greedy next tokens (a row stops after EOS),
+    with the model's log-probabilities over every position of the rows made.
+
+    One left-padded prefill and ``tokens - 1`` cached one-token decode passes: the prefill's logits
+    are the teacher's over the prompt, and the logits that choose each greedy token are its
+    teacher's at that position, so no second pass over the finished rows is needed. Equal, up to
+    float rounding, to extending the rows a full pass at a time and then :func:`teacher_from_rows`.
+    """
+    rows = [tuple(p) for p in prompts]
+    if not rows:
+        return AnchorTeacher(rows=[], log_probs=[])
+    device = next(model.parameters()).device
+    batch = pad_rows(rows, pad_id, side="left", device=device)
+    out = model(**batch.forward_kwargs(), use_cache=True)
+    dtype = torch.promote_types(out.logits.dtype, torch.float32)
+    width = batch.input_ids.shape[1]
+    seen = [[out.logits[i, offset:width].to(dtype)] for i, offset in enumerate(batch.offsets)]
+    last, mask, positions = out.logits[:, -1], batch.attention_mask, batch.position_ids[:, -1:]
+    done = [False] * len(rows)
+    for k in range(tokens):
+        chosen = last.argmax(-1)
+        picked = chosen.tolist()
+        rows = [r if d else (*r, t) for r, d, t in zip(rows, done, picked)]
+        done = [d or t == eos_id for d, t in zip(done, picked)]
+        if k == tokens - 1 or all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions + 1
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                    use_cache=True)
+        last = out.logits[:, -1]
+        for i in range(len(rows)):
+            if not done[i]:
+                seen[i].append(last[i: i + 1].to(dtype))
+    return AnchorTeacher(rows=rows, log_probs=[F.log_softmax(torch.cat(parts)[: len(r) - 1], dim=-1)
+                                               for parts, r in zip(seen, rows)])
+
+
+def greedy_extend(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, tokens: int,
                   eos_id: int | None) -> list[tuple[int, ...]]:
     """Each row followed by the model's ``tokens`` greedy next tokens (a row stops after EOS)."""
-    device = next(model.parameters()).device
-    rows = [tuple(r) for r in rows]
-    if not rows:
-        return []
-    done = [False] * len(rows)
-    for _ in range(tokens):
-        batch = pad_rows(rows, pad_id, device=device)
-        logits = model(**batch.forward_kwargs()).logits
-        last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-        chosen = logits[torch.arange(len(rows), device=logits.device), last].argmax(-1).tolist()
-        rows = [r if d else (*r, t) for r, d, t in zip(rows, done, chosen)]
-        done = [d or t == eos_id for d, t in zip(done, chosen)]
-    return rows
+    return greedy_teacher(model, rows, pad_id, tokens, eos_id).rows
 
 
-def subject_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
-                        subjects: Sequence[str]) -> list[tuple[int, ...]]:
+def subject_anchors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
+                    subjects: Sequence[str]) -> AnchorTeacher:
     """The subject anchors of ``subjects``: every template filled with each subject, continued by
-    the model's greedy tokens."""
+    the model's greedy tokens, with the model's distributions on them."""
     prompts = [tuple(tokenizer(t.format(subject=s))["input_ids"]) for s in subjects for t in SUBJECT_TEMPLATES]
-    return greedy_extend(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
+    return greedy_teacher(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
 
 
 def relations_apart_from(prompt: str) -> list[str]:
@@ -159,36 +187,42 @@ def relations_apart_from(prompt: str) -> list[str]:
             if not any(len(w) >= 4 and any(u.startswith(w) for u in used) for w in relation.split())]
 
 
-def relation_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
-                         requests: Sequence[EditRequest]) -> list[tuple[int, ...]]:
+def relation_anchors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
+                     requests: Sequence[EditRequest]) -> AnchorTeacher:
     """The relation anchors of ``requests`` (those with a subject), continued by the model's
-    greedy tokens."""
+    greedy tokens, with the model's distributions on them."""
     prompts = [tuple(tokenizer(t.format(relation=relation, subject=r.subject))["input_ids"])
                for r in requests if r.subject for relation in relations_apart_from(r.prompt)
                for t in RELATION_TEMPLATES]
-    return greedy_extend(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
+    return greedy_teacher(model, prompts, pad_id, SUBJECT_CONTINUATION, tokenizer.eos_token_id)
 
 
-def request_anchor_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
-                        requests: Sequence[EditRequest]) -> list[tuple[int, ...]]:
-    """The ``relation`` or ``subject`` anchor rows of ``requests`` (those with a subject)."""
+def request_anchors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
+                    requests: Sequence[EditRequest]) -> AnchorTeacher:
+    """The ``relation`` or ``subject`` anchors of ``requests`` (those with a subject)."""
     if kind == "relation":
-        return relation_anchor_rows(model, tokenizer, pad_id, requests)
-    return subject_anchor_rows(model, tokenizer, pad_id, [r.subject for r in requests if r.subject])
+        return relation_anchors(model, tokenizer, pad_id, requests)
+    return subject_anchors(model, tokenizer, pad_id, [r.subject for r in requests if r.subject])
+
+
+def joined(teachers: Sequence[AnchorTeacher]) -> AnchorTeacher:
+    """One anchor set holding the rows of ``teachers`` in turn."""
+    return AnchorTeacher(rows=[row for t in teachers for row in t.rows],
+                         log_probs=[lp for t in teachers for lp in t.log_probs])
 
 
 def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
                     requests: Sequence[EditRequest], independent: bool,
-                    rows_of: Callable[[Sequence[EditRequest]], list[tuple[int, ...]]] | None = None
+                    teacher_of: Callable[[Sequence[EditRequest]], AnchorTeacher] | None = None
                     ) -> list[AnchorTeacher]:
     """The anchors of one edit call with the model as it is before the edit.
 
     ``general``: one set shared by every request. ``subject`` and ``relation``: for an independent
     plan one set per request (its own subject's anchors), else one set with every request's.
-    ``rows_of``: makes the anchor rows of some requests, all with a subject (a cache of them, say);
-    by default :func:`request_anchor_rows` with ``model``.
+    ``teacher_of``: makes the anchors of some requests, all with a subject (from rows kept from
+    before, say); by default :func:`request_anchors` with ``model``.
     """
-    make_rows = rows_of or (lambda group: request_anchor_rows(model, tokenizer, pad_id, kind, group))
+    make = teacher_of or (lambda group: request_anchors(model, tokenizer, pad_id, kind, group))
     if kind not in LOCALITY_ANCHOR_KINDS:
         raise ValueError(f"unknown anchor kind {kind!r}; choose from {list(LOCALITY_ANCHOR_KINDS)}")
     if kind == "general":
@@ -196,9 +230,10 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
     groups = [[r] for r in requests] if independent else [list(requests)]
     teachers = []
     for group in groups:
-        rows = make_rows([r for r in group if r.subject]) if any(r.subject for r in group) else []
+        with_subject = [r for r in group if r.subject]
+        teacher = make(with_subject) if with_subject else None
         # no subject (or, under relation anchors, every relation named by the prompt): the general anchors
-        teachers.append(teacher_from_rows(model, rows, pad_id) if rows else anchor_teacher(model, tokenizer, pad_id))
+        teachers.append(teacher if teacher is not None and teacher.rows else anchor_teacher(model, tokenizer, pad_id))
     return teachers
 
 

@@ -18,7 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
-from icelora.anchors import AnchorTeacher, anchor_teachers, request_anchor_rows, teacher_from_rows
+from icelora.anchors import AnchorTeacher, anchor_teachers, joined, request_anchors, teacher_from_rows
 from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
@@ -180,7 +180,9 @@ class ICELoRAEditor:
     def _train(self, batch: list[EditRequest], progress: bool, replay: bool = True
                ) -> tuple[list[StepRecord], float]:
         """Run the editing loop on the live parameters; (step history, seconds). ``replay``: rehearse
-        the ledger's earlier edits (when ``replay_edits > 0``)."""
+        the ledger's earlier edits (when ``replay_edits > 0``). The time counts everything the edit
+        does, its anchors included."""
+        start = time.perf_counter()
         plan = build_plan(self.tokenizer, batch, self.config)
         main = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
         main.cuda_graphs = self.cuda_graphs
@@ -190,7 +192,6 @@ class ICELoRAEditor:
             replayed = build_plan(self.tokenizer, earlier, self.config)
             objective = ReplayObjective(objective, replayed, self.config, self.replay_anchors(replayed))
         torch.manual_seed(self.config.seed)
-        start = time.perf_counter()
         history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
@@ -244,10 +245,10 @@ class ICELoRAEditor:
 
     def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
+        start = time.perf_counter()
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
         objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
         objective.cuda_graphs = self.cuda_graphs
-        start = time.perf_counter()
         histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
                                               objective, len(batch), self.config, progress=progress)
         if model_device(self.model).type == "cuda":
@@ -276,27 +277,37 @@ class ICELoRAEditor:
             return None
         with self.unedited(), autocast(self.model, self.config):  # as the student will see them
             return anchor_teachers(self.model, self.tokenizer, plan.pad_id, self.config.locality_anchor_kind,
-                                   plan.requests, plan.independent, lambda rs: self._unedited_anchor_rows(rs, plan))
+                                   plan.requests, plan.independent, lambda rs: self._unedited_anchors(rs, plan))
 
     def _anchor_key(self, request: EditRequest) -> tuple[str, str | None]:
         """What a request's anchor rows depend on: its subject, and under relation anchors its
         prompt too (the relations it names are left out)."""
         return request.subject, request.prompt if self.config.locality_anchor_kind == "relation" else None
 
-    def _unedited_anchor_rows(self, requests: Sequence[EditRequest], plan: EditPlan) -> AnchorRows:
-        """The anchor rows of ``requests`` (those with a subject): relation anchors under
-        ``locality_anchor_kind`` relation, subject anchors otherwise; each made once (call under
-        :meth:`unedited`), so an edit's anchors and, later, its replayed anchors share them."""
-        rows: AnchorRows = []
+    def _unedited_anchors(self, requests: Sequence[EditRequest], plan: EditPlan) -> AnchorTeacher:
+        """The anchors of ``requests`` (those with a subject) with the unedited model's distributions
+        on them (call under :meth:`unedited`). Each request's rows are made once and kept, so an
+        edit's anchors and, later, its replayed anchors share them; rows made now bring their
+        distributions from the passes that made them, rows kept from before get one pass."""
+        parts = []
         for request in requests:
             if not request.subject:
                 continue
-            key = self._anchor_key(request)
-            if key not in self._anchor_rows:
-                kind = "relation" if key[1] is not None else "subject"
-                self._anchor_rows[key] = request_anchor_rows(self.model, self.tokenizer, plan.pad_id, kind, [request])
-            rows.extend(self._anchor_rows[key])
-        return rows
+            rows = self._anchor_rows.get(self._anchor_key(request))
+            if rows is None:
+                parts.append(self._make_anchors(request, plan))
+            elif rows:
+                parts.append(teacher_from_rows(self.model, rows, plan.pad_id))
+        return joined(parts)
+
+    def _make_anchors(self, request: EditRequest, plan: EditPlan) -> AnchorTeacher:
+        """``request``'s anchors made by the model as it is (relation anchors under
+        ``locality_anchor_kind`` relation, subject anchors otherwise); their rows are kept."""
+        key = self._anchor_key(request)
+        made = request_anchors(self.model, self.tokenizer, plan.pad_id, "relation" if key[1] is not None else "subject",
+                               [request])
+        self._anchor_rows[key] = made.rows
+        return made
 
     def replay_anchors(self, plan: EditPlan) -> ReplayAnchors | None:
         """The anchors of the earlier edits in ``plan`` (relation anchors under
@@ -309,7 +320,8 @@ class ICELoRAEditor:
         missing = [r for r in plan.requests if r.subject and self._anchor_key(r) not in self._anchor_rows]
         if missing:
             with self.unedited(), autocast(self.model, self.config):
-                self._unedited_anchor_rows(missing, plan)
+                for request in missing:
+                    self._make_anchors(request, plan)
 
         def teacher(rows: AnchorRows) -> AnchorTeacher:
             with self.unedited(), autocast(self.model, self.config):  # as the student will see them
