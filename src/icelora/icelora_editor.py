@@ -142,7 +142,7 @@ class ICELoRAEditor:
         self.params = make_parameterization(base, self.architecture, self.config, self.layers)
         self.model = self.params.model
         self.ledger: list[EditRequest] = []
-        self._anchor_rows: dict[tuple[str, str | None], AnchorRows] = {}  # made once per subject (or request)
+        self._anchor_rows: dict[tuple[str, str | None], AnchorRows] = {}  # kept per subject (or request) for replay
         #: replay ICE's sampling and training passes from CUDA graphs (``None``: wherever the model
         #: is on CUDA; ``"sampling"``: the sampling passes only; ``False``: neither)
         self.cuda_graphs: bool | str | None = None
@@ -286,19 +286,10 @@ class ICELoRAEditor:
 
     def _unedited_anchors(self, requests: Sequence[EditRequest], plan: EditPlan) -> AnchorTeacher:
         """The anchors of ``requests`` (those with a subject) with the unedited model's distributions
-        on them (call under :meth:`unedited`). Each request's rows are made once and kept, so an
-        edit's anchors and, later, its replayed anchors share them; rows made now bring their
-        distributions from the passes that made them, rows kept from before get one pass."""
-        parts = []
-        for request in requests:
-            if not request.subject:
-                continue
-            rows = self._anchor_rows.get(self._anchor_key(request))
-            if rows is None:
-                parts.append(self._make_anchors(request, plan))
-            elif rows:
-                parts.append(teacher_from_rows(self.model, rows, plan.pad_id))
-        return joined(parts)
+        on them, from the passes that make them (call under :meth:`unedited`). Made afresh for every
+        edit, so that they do not depend on what was edited before (a resumed run gets the same
+        numbers); their rows are kept for when the edit is replayed."""
+        return joined([self._make_anchors(r, plan) for r in requests if r.subject])
 
     def _make_anchors(self, request: EditRequest, plan: EditPlan) -> AnchorTeacher:
         """``request``'s anchors made by the model as it is (relation anchors under
