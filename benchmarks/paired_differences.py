@@ -13,10 +13,11 @@ differ far less per record than the records differ from each other, so this is t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from icelora.evaluation.runner import CASES_FILE, read_cases
 
 METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match")
 
@@ -33,17 +34,10 @@ class PairedDifference:
 
 def load_cases(folder: Path) -> dict[int, dict]:
     """The run's finished cases by record index."""
-    path = folder / "cases.jsonl"
+    path = folder / CASES_FILE
     if not path.is_file():
-        raise SystemExit(f"{folder}: no cases.jsonl (not an icelora eval output folder)")
-    cases = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            case = json.loads(line)
-            if "index" not in case:
-                raise SystemExit(f"{path}, line {number}: a case without an 'index' field")
-            cases[case["index"]] = case
-    return cases
+        raise SystemExit(f"{folder}: no {CASES_FILE} (not an icelora eval output folder)")
+    return {case["index"]: case for case in read_cases(path)}
 
 
 def paired_differences(base: dict[int, dict], other: dict[int, dict],

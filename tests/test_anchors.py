@@ -18,7 +18,6 @@ from icelora.anchors import (
     anchor_rows,
     anchor_teacher,
     anchor_teachers,
-    greedy_extend,
     greedy_teacher,
     relation_anchors,
     relations_apart_from,
@@ -104,16 +103,16 @@ SUBJECT_REQUESTS = [
 ]
 
 
-def test_greedy_extend_appends_the_models_argmax_tokens(tiny):
+def test_greedy_teacher_appends_the_models_argmax_tokens(tiny):
     pad = tiny.tokenizer.pad_token_id
     rows = [tuple(tiny.tokenizer(t)["input_ids"]) for t in ("The river flows", "A")]
-    extended = greedy_extend(tiny.model, rows, pad, 3, eos_id=None)
+    extended = greedy_teacher(tiny.model, rows, pad, 3, eos_id=None).rows
     for row, longer in zip(rows, extended):
         assert longer[: len(row)] == row and len(longer) == len(row) + 3
         with torch.no_grad():  # each added token is the argmax after the tokens before it
             logits = tiny.model(torch.tensor([longer])).logits[0]
         assert [int(logits[i].argmax()) for i in range(len(row) - 1, len(longer) - 1)] == list(longer[len(row):])
-    stopped = greedy_extend(tiny.model, rows, pad, 3, eos_id=extended[0][len(rows[0])])
+    stopped = greedy_teacher(tiny.model, rows, pad, 3, eos_id=extended[0][len(rows[0])]).rows
     assert stopped[0] == extended[0][: len(rows[0]) + 1]  # nothing after EOS
 
 

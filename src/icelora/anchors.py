@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from icelora.config import LOCALITY_ANCHOR_KINDS
 from icelora.request import EditRequest
+from icelora.sampling import decode_step
 from icelora.tokenization import pad_rows
 
 ANCHOR_TEXTS = (
@@ -153,22 +154,13 @@ def greedy_teacher(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: i
         done = [d or t == eos_id for d, t in zip(done, picked)]
         if k == tokens - 1 or all(done):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions + 1
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                    use_cache=True)
+        out, mask, positions = decode_step(model, chosen[:, None], mask, positions, out.cache)
         last = out.logits[:, -1]
         for i in range(len(rows)):
             if not done[i]:
                 seen[i].append(last[i: i + 1].to(dtype))
     return AnchorTeacher(rows=rows, log_probs=[F.log_softmax(torch.cat(parts)[: len(r) - 1], dim=-1)
                                                for parts, r in zip(seen, rows)])
-
-
-def greedy_extend(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, tokens: int,
-                  eos_id: int | None) -> list[tuple[int, ...]]:
-    """Each row followed by the model's ``tokens`` greedy next tokens (a row stops after EOS)."""
-    return greedy_teacher(model, rows, pad_id, tokens, eos_id).rows
 
 
 def subject_anchors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int,
@@ -219,8 +211,8 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
 
     ``general``: one set shared by every request. ``subject`` and ``relation``: for an independent
     plan one set per request (its own subject's anchors), else one set with every request's.
-    ``teacher_of``: makes the anchors of some requests, all with a subject (from rows kept from
-    before, say); by default :func:`request_anchors` with ``model``.
+    ``teacher_of``: makes the anchors of some requests, all with a subject (keeping their rows
+    too, say); by default :func:`request_anchors` with ``model``.
     """
     make = teacher_of or (lambda group: request_anchors(model, tokenizer, pad_id, kind, group))
     if kind not in LOCALITY_ANCHOR_KINDS:
@@ -231,9 +223,9 @@ def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
     teachers = []
     for group in groups:
         with_subject = [r for r in group if r.subject]
-        teacher = make(with_subject) if with_subject else None
+        teacher = make(with_subject) if with_subject else joined([])
         # no subject (or, under relation anchors, every relation named by the prompt): the general anchors
-        teachers.append(teacher if teacher is not None and teacher.rows else anchor_teacher(model, tokenizer, pad_id))
+        teachers.append(teacher if teacher.rows else anchor_teacher(model, tokenizer, pad_id))
     return teachers
 
 

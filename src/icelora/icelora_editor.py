@@ -294,10 +294,9 @@ class ICELoRAEditor:
     def _make_anchors(self, request: EditRequest, plan: EditPlan) -> AnchorTeacher:
         """``request``'s anchors made by the model as it is (relation anchors under
         ``locality_anchor_kind`` relation, subject anchors otherwise); their rows are kept."""
-        key = self._anchor_key(request)
-        made = request_anchors(self.model, self.tokenizer, plan.pad_id, "relation" if key[1] is not None else "subject",
-                               [request])
-        self._anchor_rows[key] = made.rows
+        kind = "relation" if self.config.locality_anchor_kind == "relation" else "subject"
+        made = request_anchors(self.model, self.tokenizer, plan.pad_id, kind, [request])
+        self._anchor_rows[self._anchor_key(request)] = made.rows
         return made
 
     def replay_anchors(self, plan: EditPlan) -> ReplayAnchors | None:

@@ -102,6 +102,17 @@ def sample_with(run_pass: Callable[[int, torch.Tensor | None], torch.Tensor], le
                        alive=alive_before_eos(sampled, eos_ids))
 
 
+def decode_step(model: nn.Module, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                **forward_kwargs: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One cached decode pass of ``token`` [R, 1] after rows whose attention ``mask`` and last
+    ``positions`` [R, 1] are given; (model output, mask and positions with the token added)."""
+    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    positions = positions + 1
+    out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                **forward_kwargs)
+    return out, mask, positions
+
+
 @torch.no_grad()
 def sample_from_batch(
     model: nn.Module,
@@ -123,10 +134,8 @@ def sample_from_batch(
         if token is None:
             out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
         else:
-            state["mask"] = torch.cat([state["mask"], torch.ones_like(token)], dim=1)
-            state["positions"] = state["positions"] + 1
-            out = model(input_ids=token, attention_mask=state["mask"], position_ids=state["positions"],
-                        cache=state["cache"], use_cache=True, logits_to_keep=1, **extra)
+            out, state["mask"], state["positions"] = decode_step(model, token, state["mask"], state["positions"],
+                                                                 state["cache"], logits_to_keep=1, **extra)
         state["cache"] = out.cache
         return out.logits[:, -1].float()
 
