@@ -112,3 +112,24 @@ def tiny_llama_folder(tmp_path):
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     return folder
+
+
+def moved_editor_and_plan(tiny: LoadedModel, config, requests: list, independent: bool):
+    """An ``ice-lora`` editor on ``tiny`` whose adapters look trained (moved from zero, so that
+    every loss term and gradient is nonzero) and the plan of ``requests``; an independent plan
+    gets a separate adapter per request, each moved differently."""
+    from icelora import ICELoRAEditor
+    from icelora.losses import build_plan
+
+    editor = ICELoRAEditor(tiny, method="ice-lora", config=config)
+    with torch.no_grad():
+        for param in editor.params.named_trainable().values():
+            param.add_(0.05 * torch.randn_like(param))
+    names = editor.params.add_separate_adapters(len(requests)) if independent else None
+    plan = build_plan(editor.tokenizer, requests, config, independent=independent, adapter_names=names)
+    if independent:
+        with torch.no_grad():
+            for k, name in enumerate(names):
+                for param in editor.params.separate_tensors([name]).values():
+                    param.add_(0.03 * (k + 1) * torch.randn_like(param))
+    return editor, plan

@@ -27,7 +27,7 @@ from icelora.errors import InvalidConfigError
 from icelora.losses import Objective, build_plan
 from icelora.request import EditRequest
 from icelora.tokenization import pad_rows
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import moved_editor_and_plan, tiny_gpt2, tiny_llama
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome",
                       contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower."))
@@ -206,22 +206,12 @@ def test_objective_rejects_anchor_sets_that_do_not_fit_the_plan(tiny):
 
 @pytest.mark.parametrize("independent", [False, True], ids=["joint", "independent"])
 def test_anchors_in_their_own_pass_give_the_main_pass_loss(tiny, independent):
-    """The anchor rows in a pass of their own (the CPU default) or riding in the main pass (the
-    accelerator default): the same loss, up to rounding."""
+    """The anchor rows in a pass of their own (the CPU default with whole student rows) or riding
+    in the main pass (the default otherwise): the same loss, up to rounding."""
     tiny.model.double()
     config = EditConfig(num_contexts=2, completion_length=2, seed=3, lambda_locality=2.0, locality_anchors=3,
                         locality_anchor_kind="subject")
-    editor = ICELoRAEditor(tiny, method="ice-lora", config=config)
-    with torch.no_grad():  # a trained-looking adapter, so that the term is not zero
-        for param in editor.params.named_trainable().values():
-            param.add_(0.05 * torch.randn_like(param))
-    names = editor.params.add_separate_adapters(len(SUBJECT_REQUESTS)) if independent else None
-    plan = build_plan(editor.tokenizer, SUBJECT_REQUESTS, config, independent=independent, adapter_names=names)
-    if independent:  # move each adapter differently
-        with torch.no_grad():
-            for k, name in enumerate(names):
-                for param in editor.params.separate_tensors([name]).values():
-                    param.add_(0.03 * (k + 1) * torch.randn_like(param))
+    editor, plan = moved_editor_and_plan(tiny, config, SUBJECT_REQUESTS, independent)
     with editor.unedited():
         teachers = anchor_teachers(editor.model, editor.tokenizer, plan.pad_id, "subject", SUBJECT_REQUESTS,
                                    independent)
@@ -235,8 +225,11 @@ def test_anchors_in_their_own_pass_give_the_main_pass_loss(tiny, independent):
     assert results[True][0] - plain > 1e-4  # the term is there
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-9)
     assert torch.allclose(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
-    assert Objective(plan, config, torch.device("cpu"), [AnchorTeacher([], [])]).anchors_in_main_pass(
-        torch.device("cpu")) is False
+    defaults = Objective(plan, config, torch.device("cpu"), [AnchorTeacher([], [])])
+    assert defaults.anchors_in_main_pass(torch.device("cpu")) is True  # in the prefix pass
+    defaults.shared_prefix = False  # whole student rows: their own pass on the CPU
+    assert defaults.anchors_in_main_pass(torch.device("cpu")) is False
+    assert defaults.anchors_in_main_pass(torch.device("cuda")) is True
 
 
 def test_relation_anchors_ask_the_subjects_other_relations(tiny):

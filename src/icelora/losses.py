@@ -32,6 +32,7 @@ from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
 from icelora.sampling import Completions, group_rows, sample_completions, sample_from_batch
 from icelora.sampling_graphs import FixedShapeSampler, fixed_shape_supported
+from icelora.shared_prefix import prefix_layout, shared_prefix_logits
 from icelora.tokenization import (
     PaddedBatch,
     PromptTarget,
@@ -429,33 +430,64 @@ def graphs_apply(model: nn.Module, plan: EditPlan, owners: Sequence[int], device
 
 def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
              generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None,
-             graphs: bool = False, graphed_training: bool = False) -> LossParts:
+             graphs: bool = False, graphed_training: bool = False, shared_prefix: bool = False) -> LossParts:
     """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
 
     ``generators``: one for all rows, or (independent plans) one per request. Every shape is fixed
     by the layout, so the step is queued on the device without the host reading anything back.
     ``graphs``: replay the sampling passes from CUDA graphs where :func:`graphs_apply` allows
     (:mod:`icelora.sampling_graphs`); ``graphed_training``: the training pass too
-    (:mod:`icelora.training_graphs`).
+    (:mod:`icelora.training_graphs`); ``shared_prefix``: the training pass encodes each request's
+    ``q + x*`` once and continues its completions from the KV cache (:mod:`icelora.shared_prefix`),
+    unless it is replayed from a graph.
     """
     device = next(model.parameters()).device
     layout = ice_layout(plan, config, device)
     sample = (layout.sampler(model, plan, config.completion_length) if graphs else None) or sample_from_batch
     completions = sample(model, layout.context, config.completion_length, config.temperature,
                          _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
-    student = layout.student_with(completions.tokens)
     fixed = layout.training_pass(model, plan) if graphed_training else None
-    logits = _forward(model, student, plan, layout.owners, rider, fixed)
     n = len(plan.requests)
+    if shared_prefix and fixed is None:
+        pred, labels, target_owner, completion_logits = _shared_prefix_pass(model, plan, config, layout,
+                                                                            completions.tokens, rider)
+    else:
+        student = layout.student_with(completions.tokens)
+        logits = _forward(model, student, plan, layout.owners, rider, fixed)
+        pred, labels = layout.target.logits(logits), layout.target.labels(student.input_ids)
+        target_owner, completion_logits = layout.target_owner, layout.completion.logits(logits)
 
-    pred, labels = layout.target.logits(logits), layout.target.labels(student.input_ids)
     nll = F.cross_entropy(pred.float(), labels, reduction="none")
-    ft = per_group_mean(nll, layout.target_owner, n)
+    ft = per_group_mean(nll, target_owner, n)
 
     teacher = completions.teacher_logits.reshape(-1, completions.teacher_logits.shape[-1])
-    kl = kl_divergence(teacher, layout.completion.logits(logits))
+    kl = kl_divergence(teacher, completion_logits)
     ice = kept_group_mean(kl, completions.alive.reshape(-1), layout.completion_owner, n)
-    return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, layout.target_owner, n))
+    return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, target_owner, n))
+
+
+def _shared_prefix_pass(model: nn.Module, plan: EditPlan, config: EditConfig, layout: IceLayout,
+                        tokens: torch.Tensor, rider: Rider | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training pass of :func:`ice_loss` with each request's ``q + x*`` encoded once
+    (:mod:`icelora.shared_prefix`): (target logits, target labels, their requests, completion
+    logits), in the orders of the whole-row pass's ``layout.target`` and ``layout.completion``."""
+    device = tokens.device
+    key = ("ice-prefix", tuple(layout.owners), tuple(plan.encoded), config.completion_length, plan.pad_id,
+           str(device))
+    prefix = plan.layout(key, lambda: prefix_layout(plan.encoded, layout.owners, config.completion_length,
+                                                    plan.pad_id, device))
+    n = len(plan.requests)
+    kwargs, riders, owners = None, 0, list(range(n))
+    if rider is not None:
+        kwargs, riders, owners = _stack(prefix.batch, rider.batch, plan.pad_id), len(rider.owners), \
+            [*owners, *rider.owners]
+    logits, rider_logits = shared_prefix_logits(model, prefix, tokens, kwargs, plan.route(owners),
+                                                plan.route(layout.owners), riders)
+    if rider is not None:
+        rider.logits = rider_logits
+    labels = prefix.target.labels(prefix.batch.input_ids)
+    return logits.target, labels, prefix.target.rows, logits.completion
 
 
 def reference_context_prefix(request: EditRequest, context: str | None, prefix: str) -> str:
@@ -545,6 +577,7 @@ class Objective:
         if len(self.anchors) > 1 and (not plan.independent or len(self.anchors) != len(plan.requests)):
             raise ValueError(f"{len(self.anchors)} anchor sets need an independent plan of as many requests")
         self.main_pass_anchors: bool | None = None
+        self.shared_prefix: bool | None = None
         self.cuda_graphs: bool | str | None = None
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
@@ -584,9 +617,21 @@ class Objective:
     def anchors_in_main_pass(self, device: torch.device) -> bool:
         """Whether the anchor rows ride in the objective's main pass (padded to its width) or get a
         pass of their own (at their own width). ``main_pass_anchors`` decides when set; by default
-        they ride along on accelerators, whose steps are bound by kernel launches, and get their
-        own pass on the CPU, whose steps are bound by arithmetic."""
-        return self.main_pass_anchors if self.main_pass_anchors is not None else device.type != "cpu"
+        they ride along: every pass costs a fixed read of every weight and, on accelerators, a
+        kernel launch per operation. The exception is the CPU with whole student rows (``shared_prefix`` off),
+        where the padding to the main pass's width costs more arithmetic than the pass saves; with
+        the prefix encoded once, the main pass's rows (``q + x*``) are about as wide as the anchors'."""
+        if self.main_pass_anchors is not None:
+            return self.main_pass_anchors
+        return device.type != "cpu" or self.encodes_prefix_once(device)
+
+    def encodes_prefix_once(self, device: torch.device) -> bool:
+        """Whether the ICE training pass encodes each request's ``q + x*`` once and continues the
+        completions from its KV cache (:mod:`icelora.shared_prefix`) rather than running whole
+        student rows. ``shared_prefix`` decides when set; by default on the CPU, whose steps are
+        bound by arithmetic (it saves the repeated prefix's tokens), and not on accelerators,
+        whose steps are bound by kernel launches (it adds a pass)."""
+        return self.shared_prefix if self.shared_prefix is not None else device.type == "cpu"
 
     def _graphs_setting(self, device: torch.device) -> bool | str:
         """``cuda_graphs``, or where it is ``None`` whether ``device`` is a CUDA device."""
@@ -614,7 +659,7 @@ class Objective:
         if name == "ice":
             device = next(model.parameters()).device
             return ice_loss(model, plan, self.config, step, generators, rider, self.samples_from_graphs(device),
-                            self.trains_from_graphs(device))
+                            self.trains_from_graphs(device), self.encodes_prefix_once(device))
         if name == "ice-reference":
             return ice_reference_loss(model, plan, self.config, step, generators, rngs, rider)
         raise ValueError(f"unknown objective {name!r}")
