@@ -477,17 +477,15 @@ def _shared_prefix_pass(model: nn.Module, plan: EditPlan, config: EditConfig, la
            str(device))
     prefix = plan.layout(key, lambda: prefix_layout(plan.encoded, layout.owners, config.completion_length,
                                                     plan.pad_id, device))
-    n = len(plan.requests)
-    kwargs, riders, owners = None, 0, list(range(n))
-    if rider is not None:
-        kwargs, riders, owners = _stack(prefix.batch, rider.batch, plan.pad_id), len(rider.owners), \
-            [*owners, *rider.owners]
-    logits, rider_logits = shared_prefix_logits(model, prefix, tokens, kwargs, plan.route(owners),
-                                                plan.route(layout.owners), riders)
-    if rider is not None:
-        rider.logits = rider_logits
-    labels = prefix.target.labels(prefix.batch.input_ids)
-    return logits.target, labels, prefix.target.rows, logits.completion
+    owners = list(range(len(plan.requests)))
+    if rider is None:
+        logits, _ = shared_prefix_logits(model, prefix, tokens, prefix_route=plan.route(owners),
+                                         continuation_route=plan.route(layout.owners))
+    else:
+        logits, rider.logits = shared_prefix_logits(
+            model, prefix, tokens, _stack(prefix.batch, rider.batch, plan.pad_id),
+            plan.route([*owners, *rider.owners]), plan.route(layout.owners), riders=len(rider.owners))
+    return logits.target, prefix.labels, prefix.target.rows, logits.completion
 
 
 def reference_context_prefix(request: EditRequest, context: str | None, prefix: str) -> str:

@@ -33,19 +33,26 @@ from icelora.tokenization import PaddedBatch, PromptTarget, TokenIndex, pad_rows
 class PrefixLayout:
     """The fixed structure of the two passes of one edit call.
 
-    ``batch``: one right-padded ``q + x*`` row per request; ``target``: the target tokens in it;
-    ``last``: each request's last position (its logits predict the first completion token);
-    ``row_owner``: the request of each student row; ``continued``: completion tokens per student
-    row that the continuation pass reads (``m - 1``); ``keep``: how many of the prefix pass's last
-    positions need logits (the target positions and after).
+    ``batch``: one right-padded ``q + x*`` row per request; ``target``: the target tokens in it,
+    ``labels`` their ids; ``requests``, ``last``: each request's row and last position (whose
+    logits predict the first completion token); ``row_owner``: the request of each student row;
+    ``positions``: the position ids of the continuation pass [R, m - 1]; ``keep``: how many of the
+    prefix pass's last positions need logits (the target positions and after).
     """
 
     batch: PaddedBatch
     target: TokenIndex
+    labels: torch.Tensor
+    requests: torch.Tensor
     last: torch.Tensor
     row_owner: torch.Tensor
-    continued: int
+    positions: torch.Tensor
     keep: int
+
+    @property
+    def continued(self) -> int:
+        """Completion tokens per student row that the continuation pass reads (``m - 1``)."""
+        return self.positions.shape[1]
 
 
 def prefix_layout(encoded: Sequence[PromptTarget], owners: Sequence[int], completion_length: int, pad_id: int,
@@ -54,10 +61,13 @@ def prefix_layout(encoded: Sequence[PromptTarget], owners: Sequence[int], comple
     batch = pad_rows([e.ids for e in encoded], pad_id, device=device)
     target = span_index(batch, [(e.target_start, len(e.ids)) for e in encoded], device)
     width = batch.input_ids.shape[1]
-    return PrefixLayout(batch=batch, target=target,
+    lengths = [len(encoded[i].ids) for i in owners]
+    positions = torch.tensor([[n + k for k in range(completion_length - 1)] for n in lengths], dtype=torch.long)
+    return PrefixLayout(batch=batch, target=target, labels=target.labels(batch.input_ids),
+                        requests=to_device(torch.arange(len(encoded)), device),
                         last=to_device(torch.tensor([len(e.ids) - 1 for e in encoded], dtype=torch.long), device),
                         row_owner=to_device(torch.tensor(list(owners), dtype=torch.long), device),
-                        continued=completion_length - 1,
+                        positions=to_device(positions.reshape(len(owners), completion_length - 1), device),
                         keep=width - min(e.target_start for e in encoded) + 1)
 
 
@@ -77,9 +87,7 @@ def continue_from_prefix(model: nn.Module, cache: Any, prefix_mask: torch.Tensor
     cache.reorder_cache(layout.row_owner)  # index_select: differentiable, the prefix gets the gradients
     steps = layout.continued
     mask = torch.cat([prefix_mask[layout.row_owner], prefix_mask.new_ones((len(layout.row_owner), steps))], dim=1)
-    start = layout.batch.position_ids[layout.row_owner].gather(1, layout.last[layout.row_owner, None]) + 1
-    positions = start + torch.arange(steps, device=tokens.device)
-    return model(input_ids=tokens[:, :steps], attention_mask=mask, position_ids=positions, cache=cache,
+    return model(input_ids=tokens[:, :steps], attention_mask=mask, position_ids=layout.positions, cache=cache,
                  use_cache=True, **forward_kwargs).logits
 
 
@@ -101,7 +109,7 @@ def shared_prefix_logits(model: nn.Module, layout: PrefixLayout, tokens: torch.T
     shift = kwargs["input_ids"].shape[1] - logits.shape[1]  # positions left out by logits_to_keep
     n = len(layout.last)
     target = logits[layout.target.rows, layout.target.positions - 1 - shift]
-    first = logits[torch.arange(n, device=logits.device), layout.last - shift][layout.row_owner]
+    first = logits[layout.requests, layout.last - shift][layout.row_owner]
     completion = first[:, None]
     if layout.continued:
         rest = continue_from_prefix(model, out.cache, kwargs["attention_mask"][:n], layout, tokens,
