@@ -174,9 +174,11 @@ def test_the_editor_makes_replay_anchors_with_the_unedited_model(tiny):
 
 def _earlier_subject_drift(replay_anchors: int) -> float:
     """Mean KL to the unedited model on the earlier edits' subject anchors after four sequential
-    edits (each with its own subject's locality term, and replay of the earlier targets)."""
+    edits (each with its own subject's locality term, and replay of the earlier targets). The
+    learning rate is low enough for the outcome not to hang on float rounding: at 3e-2 the ratio
+    below was 0.66 on one CPU and 0.94 on another."""
     loaded = tiny_gpt2()
-    editor = ICELoRAEditor(loaded, method="lora", layers=[0, 1, 2], max_steps=12, learning_rate=3e-2,
+    editor = ICELoRAEditor(loaded, method="lora", layers=[0, 1, 2], max_steps=16, learning_rate=1e-2,
                            lambda_locality=1.0, locality_anchor_kind="subject", replay_edits=3,
                            replay_anchors=replay_anchors)
     requests = [r for r in EARLIER if r.subject] + [NEW]
@@ -194,7 +196,7 @@ def _earlier_subject_drift(replay_anchors: int) -> float:
 
 def test_replayed_anchors_keep_earlier_subjects_as_they_were():
     plain, kept = _earlier_subject_drift(0), _earlier_subject_drift(2)
-    assert kept < 0.8 * plain, (kept, plain)   # 1.37 against 2.07 nats
+    assert kept < 0.8 * plain, (kept, plain)   # 0.43 against 0.97 nats (seeds 1-3: ratio 0.32-0.44)
 
 
 def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):

@@ -30,9 +30,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from icelora.config import LOCALITY_ANCHOR_KINDS
+from icelora.output_layer import output_layer_reads
 from icelora.request import EditRequest
 from icelora.sampling import decode_step
-from icelora.tokenization import pad_rows
+from icelora.tokenization import pad_rows, to_device
 
 ANCHOR_TEXTS = (
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -141,11 +142,15 @@ def greedy_teacher(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: i
         return AnchorTeacher(rows=[], log_probs=[])
     device = next(model.parameters()).device
     batch = pad_rows(rows, pad_id, side="left", device=device)
-    out = model(**batch.forward_kwargs(), use_cache=True)
+    real = [(i, offset + k) for i, (offset, n) in enumerate(zip(batch.offsets, batch.lengths)) for k in range(n)]
+    real_rows, real_positions = to_device(torch.tensor(real, dtype=torch.long).T, device)
+    with output_layer_reads(model, lambda hidden: hidden[real_rows, real_positions][None]):  # none at the padding
+        out = model(**batch.forward_kwargs(), use_cache=True)
     dtype = torch.promote_types(out.logits.dtype, torch.float32)
-    width = batch.input_ids.shape[1]
-    seen = [[out.logits[i, offset:width].to(dtype)] for i, offset in enumerate(batch.offsets)]
-    last, mask, positions = out.logits[:, -1], batch.attention_mask, batch.position_ids[:, -1:]
+    parts = out.logits[0].split(batch.lengths)
+    seen = [[part.to(dtype)] for part in parts]
+    last = torch.stack([part[-1] for part in parts])
+    mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
     done = [False] * len(rows)
     for k in range(tokens):
         chosen = last.argmax(-1)
@@ -242,16 +247,19 @@ def anchor_rows(teachers: Sequence[AnchorTeacher], chosen: Sequence[Sequence[int
 def anchor_kl_from_logits(teachers: Sequence[AnchorTeacher], chosen: Sequence[Sequence[int]],
                           logits: torch.Tensor) -> torch.Tensor:
     """``KL(p0 || q)`` averaged over each owner's chosen anchors' positions, from the edited model's
-    logits on :func:`anchor_rows` (right-padded, one row each): [owners]."""
+    logits on :func:`anchor_rows`: [owners]. ``logits`` is either [rows, width, V] (the rows
+    right-padded, one row each) or [positions, V] (each row's positions ``0..len - 2``, row after
+    row)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    per_owner, r = [], 0
+    per_owner, r, start = [], 0, 0
     for teacher, mine in zip(teachers, chosen):
         terms = []
         for j in mine:
-            row = teacher.rows[j]
-            log_q = F.log_softmax(logits[r, : len(row) - 1].to(dtype), dim=-1)
+            n = len(teacher.rows[j]) - 1
+            row = logits[r, :n] if logits.dim() == 3 else logits[start: start + n]
+            log_q = F.log_softmax(row.to(dtype), dim=-1)
             log_p = teacher.log_probs[j]
             terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-            r += 1
+            r, start = r + 1, start + n
         per_owner.append(torch.stack(terms).mean())
     return torch.stack(per_owner)

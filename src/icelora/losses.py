@@ -209,9 +209,11 @@ def completion_mask(batch: PaddedBatch, encoded: list[PromptTarget], alive: torc
 @dataclass
 class Rider:
     """Extra rows (the locality anchors) carried through an objective's main forward pass, so they
-    cost no pass of their own; ``logits`` is filled by that pass. ``width``: the widest row the
-    anchors of an edit can have; a fixed-shape pass (:mod:`icelora.training_graphs`) is padded to
-    at least this width, so that its shape is the same at every step."""
+    cost no pass of their own; ``logits`` is filled by that pass: [rows, width, V], or [positions, V]
+    at each row's positions ``0..len - 2`` only (:func:`anchor_kl_from_logits` reads either).
+    ``width``: the widest row the anchors of an edit can have; a fixed-shape pass
+    (:mod:`icelora.training_graphs`) is padded to at least this width, so that its shape is the
+    same at every step."""
 
     batch: PaddedBatch
     owners: list[int]
@@ -479,12 +481,13 @@ def _shared_prefix_pass(model: nn.Module, plan: EditPlan, config: EditConfig, la
                                                     plan.pad_id, device))
     owners = list(range(len(plan.requests)))
     if rider is None:
-        logits, _ = shared_prefix_logits(model, prefix, tokens, prefix_route=plan.route(owners),
-                                         continuation_route=plan.route(layout.owners))
+        logits = shared_prefix_logits(model, prefix, tokens, prefix_route=plan.route(owners),
+                                      continuation_route=plan.route(layout.owners))
     else:
-        logits, rider.logits = shared_prefix_logits(
-            model, prefix, tokens, _stack(prefix.batch, rider.batch, plan.pad_id),
-            plan.route([*owners, *rider.owners]), plan.route(layout.owners), riders=len(rider.owners))
+        logits = shared_prefix_logits(model, prefix, tokens, _stack(prefix.batch, rider.batch, plan.pad_id),
+                                      plan.route([*owners, *rider.owners]), plan.route(layout.owners),
+                                      rider_lengths=rider.batch.lengths)
+        rider.logits = logits.riders
     return logits.target, prefix.labels, prefix.target.rows, logits.completion
 
 

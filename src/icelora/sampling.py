@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from icelora.output_layer import output_layer_reads
 from icelora.tokenization import PaddedBatch, pad_rows, to_device
 
 
@@ -131,8 +132,9 @@ def sample_from_batch(
     state: dict[str, Any] = {"mask": batch.attention_mask, "positions": batch.position_ids[:, -1:], "cache": None}
 
     def run_pass(step: int, token: torch.Tensor | None) -> torch.Tensor:
-        if token is None:
-            out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
+        if token is None:  # the last position only, made contiguous: the output layer is then one matrix product
+            with output_layer_reads(model, torch.Tensor.contiguous):
+                out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
         else:
             out, state["mask"], state["positions"] = decode_step(model, token, state["mask"], state["positions"],
                                                                  state["cache"], logits_to_keep=1, **extra)
