@@ -57,3 +57,10 @@ def test_layout_is_the_same_inside_lora_wrappers():
     plain = inspect_architecture(loaded.model)
     editor = ICELoRAEditor(loaded, method="ice-lora", layers=[0, 1])
     assert inspect_architecture(editor.model) == plain
+
+
+def test_a_model_without_an_output_layer_is_refused():
+    model = tiny_gpt2().model.transformer  # the decoder alone, no language-modelling head
+    assert model.get_output_embeddings() is None
+    with pytest.raises(ModelLoadError, match="no output layer"):
+        inspect_architecture(model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from icelora.output_layer import output_layer, output_layer_reads
+from icelora.output_layer import OutputLayerNotCalledError, output_layer, output_layer_reads
 
 
 def test_chosen_positions_give_the_full_pass_logits(tiny):
@@ -54,3 +54,49 @@ def test_a_model_without_an_output_layer_is_refused():
     with pytest.raises(ValueError, match="Headless names no output layer"), \
             output_layer_reads(Headless(), lambda hidden: hidden):
         pass
+
+
+def test_the_hook_is_removed_when_the_block_raises(tiny):
+    model = tiny.model
+    ids = torch.tensor([[5, 9, 13]])
+    with pytest.raises(KeyError), output_layer_reads(model, lambda hidden: hidden[:, :1]):
+        assert model(input_ids=ids).logits.shape[1] == 1
+        raise KeyError("inside")
+    assert model(input_ids=ids).logits.shape[1] == 3
+
+
+class _OwnProduct(nn.Module):
+    """Names an output layer but makes its logits from the embedding weight itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) @ self.embed.weight.T
+
+
+class _KeywordHead(_OwnProduct):
+    """Calls its output layer with the hidden states as a keyword argument."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(input=self.embed(ids))
+
+
+def test_a_model_that_bypasses_its_output_layer_is_refused():
+    model = _OwnProduct()
+    with pytest.raises(OutputLayerNotCalledError, match="_OwnProduct's forward pass did not call"), \
+            output_layer_reads(model, lambda hidden: hidden[:, :1]):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_keyword_call_of_the_output_layer_reads_the_selection():
+    model = _KeywordHead()
+    ids = torch.tensor([[1, 2, 3]])
+    full = model(ids)
+    with output_layer_reads(model, lambda hidden: hidden[:, 1:]):
+        part = model(ids)
+    torch.testing.assert_close(part, full[:, 1:])

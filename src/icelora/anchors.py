@@ -262,4 +262,6 @@ def anchor_kl_from_logits(teachers: Sequence[AnchorTeacher], chosen: Sequence[Se
             terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
             r, start = r + 1, start + n
         per_owner.append(torch.stack(terms).mean())
+    if logits.dim() == 2 and start != logits.shape[0]:
+        raise ValueError(f"anchor logits hold {logits.shape[0]} positions, the chosen anchors {start}")
     return torch.stack(per_owner)

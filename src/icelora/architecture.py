@@ -136,6 +136,9 @@ def inspect_architecture(model: nn.Module) -> ArchitectureMap:
     layers_path = find_decoder_layers(base, num_layers)
     block = base.get_submodule(f"{layers_path}.0")
     model_name = type(base).__name__
+    if base.get_output_embeddings() is None:  # every loss reads its logits through it (icelora.output_layer)
+        raise ModelLoadError(f"{model_name}: no output layer (get_output_embeddings() is None); "
+                             "a causal language model with its language-modelling head is needed")
 
     attention = _child(block, ATTENTION_CHILD_NAMES)
     if attention is None:

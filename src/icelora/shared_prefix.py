@@ -94,8 +94,8 @@ def rider_index(first_row: int, lengths: Sequence[int], device: torch.device | s
     right-padded batch, of ``lengths`` real tokens."""
     rows = [first_row + i for i, n in enumerate(lengths) for _ in range(n - 1)]
     positions = [k for n in lengths for k in range(n - 1)]
-    return (to_device(torch.tensor(rows, dtype=torch.long), device),
-            to_device(torch.tensor(positions, dtype=torch.long), device))
+    both = to_device(torch.tensor([rows, positions], dtype=torch.long), device)  # one copy to the device
+    return both[0], both[1]
 
 
 def continue_from_prefix(model: nn.Module, cache: Any, prefix_mask: torch.Tensor, layout: PrefixLayout,
@@ -147,6 +147,11 @@ def shared_prefix_logits(model: nn.Module, layout: PrefixLayout, tokens: torch.T
     else:
         logits = out.logits[0]
     targets, riders = len(layout.target.rows), sum(length - 1 for length in rider_lengths)
+    expected = targets + n + riders + len(layout.row_owner) * layout.continued
+    if logits.shape[0] != expected:  # shapes are known on the host: no wait on the device
+        raise RuntimeError(f"the shared-prefix passes gave logits for {logits.shape[0]} positions, expected "
+                           f"{expected} ({targets} targets, {n} requests, {riders} rider positions, "
+                           f"{len(layout.row_owner)} rows x {layout.continued} continued)")
     target, first, rider, rest = logits.split([targets, n, riders, logits.shape[0] - targets - n - riders])
     completion = torch.cat([first[layout.row_owner][:, None], rest.reshape(len(layout.row_owner), -1, rest.shape[-1])],
                            dim=1)
