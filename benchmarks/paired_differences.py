@@ -1,6 +1,6 @@
 """Paired differences between two runs on the records both finished: mean and standard error.
 
-    python benchmarks/paired_differences.py BASE_RUN OTHER_RUN
+    python benchmarks/paired_differences.py BASE_RUN OTHER_RUN [--criterion]
 
 Each run is an ``icelora eval`` output folder (its ``cases.jsonl``). For every per-case metric,
 the difference OTHER - BASE is taken record by record (records matched by their index; a record
@@ -8,6 +8,8 @@ where either run has no value, like ``rephrase`` on WikiData_recent, is left out
 and reported as its mean ± the standard error of the mean. Two settings run on the same records
 differ far less per record than the records differ from each other, so this is the comparison
 ``reports/tuning.md`` quotes. ``fluency`` is in bits (the n-gram entropy of the generated text).
+``--criterion`` adds the tuning criterion of ``reports/tuning.md`` per record: the mean of the
+record's rephrase, portability and locality (those it has).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from icelora.evaluation.runner import CASES_FILE, read_cases
 
 METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match")
+CRITERION_PARTS = ("rephrase", "portability", "locality")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ def load_cases(folder: Path) -> dict[int, dict]:
     if not path.is_file():
         raise SystemExit(f"{folder}: no {CASES_FILE} (not an icelora eval output folder)")
     return {case["index"]: case for case in read_cases(path)}
+
+
+def with_criterion(cases: dict[int, dict]) -> dict[int, dict]:
+    """The cases with ``criterion``: the mean of each one's :data:`CRITERION_PARTS` that it has."""
+    out = {}
+    for index, case in cases.items():
+        parts = [float(case[k]) for k in CRITERION_PARTS if case.get(k) is not None]
+        out[index] = {**case, "criterion": sum(parts) / len(parts) if parts else None}
+    return out
 
 
 def paired_differences(base: dict[int, dict], other: dict[int, dict],
@@ -60,8 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
     parser.add_argument("other", type=Path)
+    parser.add_argument("--criterion", action="store_true", help="add the tuning criterion per record")
     args = parser.parse_args(argv)
-    rows = paired_differences(load_cases(args.base), load_cases(args.other))
+    base, other = load_cases(args.base), load_cases(args.other)
+    if args.criterion:
+        base, other = with_criterion(base), with_criterion(other)
+    rows = paired_differences(base, other, (*METRICS, "criterion") if args.criterion else METRICS)
     if not rows:
         raise SystemExit(f"{args.base} and {args.other} share no finished record")
     print(f"{args.other.name} - {args.base.name}, paired on shared records (mean ± standard error):")

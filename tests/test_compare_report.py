@@ -258,3 +258,23 @@ def test_paired_differences_pair_records_by_index(tmp_path, capsys):
     assert "| locality | 4 | +0.150 ± 0.096 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"no cases\.jsonl"):
         paired_differences.load_cases(tmp_path)
+
+
+def test_paired_differences_add_the_tuning_criterion_on_request(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paired_differences
+
+    for name, rows in (("base", [{"index": 0, "rephrase": 0.5, "portability": 0.2, "locality": 0.8},
+                                 {"index": 1, "portability": 0.4, "locality": 0.6}]),
+                       ("other", [{"index": 0, "rephrase": 0.8, "portability": 0.2, "locality": 0.8},
+                                  {"index": 1, "portability": 0.4, "locality": 1.0}])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paired_differences.main([str(tmp_path / "base"), str(tmp_path / "other")])
+    assert "criterion" not in capsys.readouterr().out
+    paired_differences.main([str(tmp_path / "base"), str(tmp_path / "other"), "--criterion"])
+    # record 0: (0.8+0.2+0.8)/3 - (0.5+0.2+0.8)/3 = 0.1; record 1 (no rephrase): 0.7 - 0.5 = 0.2
+    assert "| criterion | 2 | +0.150 ± 0.050 |" in capsys.readouterr().out

@@ -65,4 +65,3 @@ def output_layer_reads(model: nn.Module, select: Callable[[torch.Tensor], torch.
         raise OutputLayerNotCalledError(
             f"{type(model).__name__}'s forward pass did not call the layer get_output_embeddings() names "
             f"({type(output_layer(model)).__name__}); icelora reads logits at chosen positions through that layer")
-

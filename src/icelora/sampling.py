@@ -7,7 +7,6 @@ forward pass with the context is needed.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,12 +129,11 @@ def sample_from_batch(
     each generator given as index tensors (``group_rows``). Nothing here reads the device from the
     host, so the editing loop can queue the whole step."""
     extra = forward_kwargs or {}
-    contiguous_last = model.get_output_embeddings() is not None  # a speed-up only: models without one still sample
     state: dict[str, Any] = {"mask": batch.attention_mask, "positions": batch.position_ids[:, -1:], "cache": None}
 
     def run_pass(step: int, token: torch.Tensor | None) -> torch.Tensor:
         if token is None:  # the last position only, made contiguous: the output layer is then one matrix product
-            with output_layer_reads(model, torch.Tensor.contiguous) if contiguous_last else contextlib.nullcontext():
+            with output_layer_reads(model, torch.Tensor.contiguous):
                 out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
         else:
             out, state["mask"], state["positions"] = decode_step(model, token, state["mask"], state["positions"],

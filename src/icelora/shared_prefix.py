@@ -146,14 +146,12 @@ def shared_prefix_logits(model: nn.Module, layout: PrefixLayout, tokens: torch.T
                                           **(continuation_route or {}))[0]
     else:
         logits = out.logits[0]
-    targets, riders = len(layout.target.rows), sum(length - 1 for length in rider_lengths)
-    expected = targets + n + riders + len(layout.row_owner) * layout.continued
-    if logits.shape[0] != expected:  # shapes are known on the host: no wait on the device
+    student_rows = len(layout.row_owner)
+    sizes = [len(layout.target.rows), n, sum(length - 1 for length in rider_lengths), student_rows * layout.continued]
+    if logits.shape[0] != sum(sizes):  # shapes are known on the host: no wait on the device
         raise RuntimeError(f"the shared-prefix passes gave logits for {logits.shape[0]} positions, expected "
-                           f"{expected} ({targets} targets, {n} requests, {riders} rider positions, "
-                           f"{len(layout.row_owner)} rows x {layout.continued} continued)")
-    target, first, rider, rest = logits.split([targets, n, riders, logits.shape[0] - targets - n - riders])
-    completion = torch.cat([first[layout.row_owner][:, None], rest.reshape(len(layout.row_owner), -1, rest.shape[-1])],
-                           dim=1)
+                           f"{sum(sizes)} (targets, requests, rider positions, continued: {sizes})")
+    target, first, rider, rest = logits.split(sizes)
+    completion = torch.cat([first[layout.row_owner][:, None], rest.reshape(student_rows, -1, rest.shape[-1])], dim=1)
     return PrefixLogits(target=target, completion=completion.reshape(-1, logits.shape[-1]),
                         riders=rider if rider_lengths else None)
