@@ -152,6 +152,43 @@ def test_targets_compare_against_other_methods(tmp_path):
     only_side = check_targets(read_targets(path), [side])[0]
     assert only_side.measured == "no finished run" and not only_side.met
 
+    # a side run is named by its folder's name; better_than takes the best of several runs
+    tuned = run("ft-m", locality=0.82)
+    tuned.folder = tmp_path / "zsre" / "ft-m-tuned"
+    path.write_text("targets:\n"
+                    "  - {dataset: zsre, method: ice-lora, metric: locality, better_than: [ft-m, ft-m-tuned]}\n"
+                    "  - {dataset: zsre, method: ft-m-tuned, metric: locality, at_least: 0.8}\n")
+    against_both, tuned_alone = check_targets(read_targets(path), [*runs, tuned])
+    assert not against_both.met and against_both.measured == "0.800 vs ft-m 0.700, ft-m-tuned 0.820"
+    assert against_both.description == "ice-lora locality (single, zsre) > best of ft-m, ft-m-tuned"
+    assert tuned_alone.met
+
+
+def test_targets_against_an_unfinished_run_compare_on_its_finished_records(tmp_path):
+    from icelora.evaluation.report_data import RunSummary
+
+    def run(method, localities, complete=True):
+        metrics = {"edit_success": 1.0, "rephrase": None, "portability": 0.5, "portability_by_type": {},
+                   "locality_by_type": {}, "fluency": 5.0, "fluency_unedited": 5.0, "ppl_r": 0.1,
+                   "exact_match": 1.0}
+        cases = [{"index": i, **metrics, "locality": v} for i, v in enumerate(localities)]
+        return RunSummary(folder=tmp_path / "zsre" / method, run={"method": method, "protocol": "single",
+                                                                 "indices": [0, 1, 2, 3]},
+                          metrics={"n_cases": len(cases), "locality": sum(localities) / len(localities)},
+                          cases=cases, complete=complete)
+
+    path = tmp_path / "t.yaml"
+    path.write_text("targets:\n  - {dataset: zsre, method: ice-lora, metric: locality, not_below: ice, margin: 0.02}\n"
+                    "  - {dataset: zsre, method: ice-lora, metric: locality, better_than: ice}\n")
+    # ice-lora 0.5 over all four records, but 0.9 on the two records ice has finished (ice: 0.8 there)
+    runs = [run("ice-lora", [0.9, 0.9, 0.1, 0.1]), run("ice", [0.8, 0.8], complete=False)]
+    near, better = check_targets(read_targets(path), runs)
+    assert not near.met and not better.met
+    assert near.measured.endswith("on the 2 records all have finished: ice-lora 0.900 vs ice 0.800 (would hold there)")
+    runs = [run("ice-lora", [0.7, 0.7, 1.0, 1.0]), run("ice", [0.8, 0.8], complete=False)]
+    near, _ = check_targets(read_targets(path), runs)
+    assert near.measured.endswith("ice-lora 0.700 vs ice 0.800 (would not hold there)") and not near.met
+
 
 @pytest.mark.parametrize("text, message", [
     ("single: {datasets: {zsre: '0:2'}, methods: [magic]}", "unknown method(s) ['magic']"),

@@ -74,3 +74,41 @@ def test_autocast_dtype_is_checked():
     assert EditConfig(autocast_dtype="bfloat16").autocast_dtype == "bfloat16"
     with pytest.raises(InvalidConfigError, match="autocast_dtype"):
         EditConfig(autocast_dtype="int8")
+
+
+# A key a run folder's run.json lacks did not exist when the run was made: its feature was off.
+_OFF_WHEN_ABSENT = {"lambda_locality": 0.0, "replay_edits": 0, "replay_anchors": 0}
+_SEQUENTIAL_ONLY = {"replay_edits", "lambda_replay", "replay_anchors"}
+
+
+def _side_run_configs():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    files = sorted((root / "configs").glob("ice-lora-*.yaml")) + sorted((root / "configs" / "tuned").glob("*.yaml"))
+    for file in files:
+        name = f"{file.stem}-tuned" if file.parent.name == "tuned" else file.stem
+        runs = sorted((root / "reports" / "runs").glob(f"*/{name}/run.json"))
+        yield pytest.param(file, runs, id=name)
+
+
+@pytest.mark.parametrize(("config_file", "runs"), list(_side_run_configs()))
+def test_side_run_config_files_reproduce_their_runs(config_file, runs):
+    """Each configs/ice-lora-*.yaml and configs/tuned/*.yaml gives the configuration its reported
+    runs (reports/runs/*/<name>/) were made with, so the command in its comment reproduces them."""
+    import json
+
+    from icelora.config import read_config_file
+
+    settings = read_config_file(config_file)
+    config = method_config(settings.pop("method"), **settings).to_dict()
+    assert runs, f"{config_file}: no run folder named after it in reports/runs"
+    for run in runs:
+        recorded = json.loads(run.read_text())
+        sequential = recorded["protocol"] == "sequential"
+        for key, value in config.items():
+            if key in _SEQUENTIAL_ONLY and not sequential:
+                continue
+            expected = recorded["config"].get(key, _OFF_WHEN_ABSENT.get(key, value))
+            if key in recorded["config"] or key in _OFF_WHEN_ABSENT:
+                assert value == expected, f"{config_file}: {key} is {value!r}, {run} ran with {expected!r}"

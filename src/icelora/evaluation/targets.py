@@ -3,12 +3,16 @@
 Each target names a run by protocol, data set and method, a metric, and one test::
 
     - {dataset: zsre-ice, method: ice-lora, metric: locality, at_least: 0.90}
-    - {dataset: zsre-ice, method: ice-lora, metric: locality, better_than: ft-m}
+    - {dataset: zsre-ice, method: ice-lora, metric: locality, better_than: [ft-m, ft-m-tuned]}
     - {dataset: zsre-ice, method: ice-lora, metric: portability, not_below: [ft-l, ft-m, lora, ice]}
     - {dataset: zsre-ice, method: ice-lora, metric: rephrase, not_below: [ice], margin: 0.02}
 
-``protocol`` defaults to ``single``. ``not_below``: at least the best of those methods minus
-``margin``. A target whose runs are missing is reported as not met, with the reason.
+``method`` and the runs compared against are run labels: a method's name for the study's run of
+it, a folder's name for a side run (``ft-m-tuned``). ``protocol`` defaults to ``single``.
+``better_than``: above the best of those runs; ``not_below``: at least their best minus ``margin``.
+A target whose runs are missing or unfinished is reported as not met, with the reason; where the
+runs compared against are unfinished, the result adds how the methods compare on the records all
+of them have finished, as an indication only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from icelora.config import read_yaml_mapping
 from icelora.errors import InvalidConfigError
-from icelora.evaluation.report_data import RunSummary
+from icelora.evaluation.report_data import RunSummary, on_shared_records
 
 TESTS = ("at_least", "at_most", "better_than", "not_below")
 KEYS = {"protocol", "dataset", "method", "metric", "margin", *TESTS}
@@ -45,7 +49,9 @@ class Target:
         if self.test == "at_most":
             return f"{where} <= {self.value}"
         if self.test == "better_than":
-            return f"{where} > {self.value}'s"
+            if len(self.value) > 1:
+                return f"{where} > best of {', '.join(self.value)}"
+            return f"{where} > {self.value[0]}'s"
         margin = f" - {self.margin}" if self.margin else ""
         return f"{where} >= best of {', '.join(self.value)}{margin}"
 
@@ -77,10 +83,10 @@ def read_targets(path: str | Path) -> list[Target]:
         test, value = tests[0], entry[tests[0]]
         if test in ("at_least", "at_most") and not isinstance(value, (int, float)):
             raise InvalidConfigError(f"{where}: {test} must be a number, got {value!r}")
-        if test == "not_below":
+        if test in ("better_than", "not_below"):
             value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InvalidConfigError(f"{where}: not_below must be a method or a list of methods")
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise InvalidConfigError(f"{where}: {test} must be a run or a non-empty list of runs")
             value = tuple(value)
         targets.append(Target(dataset=entry["dataset"], method=entry["method"], metric=entry["metric"],
                               test=test, value=value, protocol=entry.get("protocol", "single"),
@@ -88,11 +94,12 @@ def read_targets(path: str | Path) -> list[Target]:
     return targets
 
 
-def _find(runs: list[RunSummary], protocol: str, dataset: str, method: str) -> RunSummary | None:
-    """The study's run of ``method``: its folder is named after the method (``runs/zsre-ice/ice-lora``),
-    so a side run of the same method (``ice-lora-before-tuning``) is not taken for it."""
+def _find(runs: list[RunSummary], protocol: str, dataset: str, name: str) -> RunSummary | None:
+    """The run named ``name`` by its label: the study's run of a method has its folder named after the
+    method (``runs/zsre-ice/ice-lora``), so a side run of the same method (``ice-lora-before-tuning``)
+    is not taken for it, and is named by its folder's name instead (``ft-m-tuned``)."""
     for run in runs:
-        if run.protocol == protocol and run.dataset == dataset and run.method == method and run.label == method:
+        if run.protocol == protocol and run.dataset == dataset and run.method != "none" and run.label == name:
             return run
     return None
 
@@ -113,6 +120,22 @@ def _unfinished(runs: list[RunSummary], t: Target) -> str:
     return f"{value:.3f} so far (partial run, {run.metrics.get('n_cases')} cases); no finished run"
 
 
+def _on_finished_records(runs: list[RunSummary], t: Target, others: list[str]) -> str:
+    """How ``t.method`` compares with ``others`` on the records all their runs have finished, or ""."""
+    found = [_find(runs, t.protocol, t.dataset, m) for m in (t.method, *others)]
+    if any(r is None for r in found):
+        return ""
+    shared = on_shared_records([r for r in found if r is not None])
+    values = [s.metrics.get(t.metric) for s in shared]
+    if not shared[0].cases or not all(isinstance(v, (int, float)) for v in values):
+        return ""
+    value, rest = values[0], values[1:]
+    holds = value > max(rest) if t.test == "better_than" else value >= max(rest) - t.margin
+    compared = ", ".join(f"{m} {v:.3f}" for m, v in zip(others, rest))
+    return (f"; on the {len(shared[0].cases)} records all have finished: {t.method} {value:.3f} vs {compared}"
+            f" ({'would hold' if holds else 'would not hold'} there)")
+
+
 def check_targets(targets: list[Target], runs: list[RunSummary]) -> list[TargetResult]:
     """Each target against the finished runs (a partial run does not count)."""
     results = []
@@ -127,13 +150,14 @@ def check_targets(targets: list[Target], runs: list[RunSummary]) -> list[TargetR
         if t.test == "at_most":
             results.append(TargetResult(t.description, f"{value:.3f}", value <= t.value))
             continue
-        others = {m: _metric(runs, t.protocol, t.dataset, m, t.metric)
-                  for m in ([t.value] if t.test == "better_than" else t.value)}
+        others = {m: _metric(runs, t.protocol, t.dataset, m, t.metric) for m in t.value}
         known = {m: v for m, v in others.items() if v is not None}
         shown = f"{value:.3f} vs " + (", ".join(f"{m} {v:.3f}" for m, v in known.items()) or "nothing")
         missing = sorted(set(others) - set(known))
         if missing:
-            results.append(TargetResult(t.description, f"{shown}; no finished run of {', '.join(missing)}", False))
+            indication = _on_finished_records(runs, t, list(others))
+            results.append(TargetResult(t.description,
+                                        f"{shown}; no finished run of {', '.join(missing)}{indication}", False))
         elif t.test == "better_than":
             results.append(TargetResult(t.description, shown, value > max(known.values())))
         else:
