@@ -70,3 +70,10 @@ def test_helpers():
     assert not starts_with_target("Paris", "Rome")
     assert parse_layers("4-6") == [4, 5, 6]
     assert parse_layers("1,3") == [1, 3]
+
+
+def test_eval_of_the_unedited_model_refuses_the_sequential_protocol(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "eval", "--method", "none", "--protocol", "sequential", "--dataset", "zsre-ice",
+                             "--output", str(tmp_path / "run"))
+    assert code == 2 and "--method none" in error_line(err) and out == ""
+    assert not (tmp_path / "run").exists()

@@ -81,15 +81,16 @@ def test_compare_runs_every_method_then_resumes_and_reports(tmp_path, capsys, ti
     for method in ("unedited", "ft-m", "lora"):
         assert f"| {method} | 3 |" in md
     # the markdown holds the same numbers as metrics.json
-    assert f"| lora | 3 | {lora['edit_success']:.3f} |" in md
-    assert f"{lora['locality']:.3f}" in md
+    lora_row = next(line for line in md.splitlines() if line.startswith(f"| lora | 3 | {lora['edit_success']:.3f} |"))
+    assert f"| {lora['locality']:.3f} |" in lora_row and f"| {lora['portability']:.3f} |" in lora_row
     assert "icelora compare --config" in md  # the command that reproduces each table
     assert "ice locality (single, mixed) >= 0.5 | no finished run | NOT MET" in md
     assert "Llama-2-7b-chat" in md
 
 
 def test_report_marks_partial_runs_and_reads_cases(tmp_path, capsys, tiny_llama_folder, fixture_data):
-    out = tmp_path / "runs" / "mixed" / "lora"
+    root = tmp_path / "state" / "runs"  # a folder named like a run's saved state above the root is no matter
+    out = root / "mixed" / "lora"
     assert main(["eval", "--model", str(tiny_llama_folder), "--method", "lora", "--dataset", str(fixture_data.path),
                  "--steps", "1", "--output", str(out), "-q"]) == 0
     capsys.readouterr()
@@ -98,8 +99,11 @@ def test_report_marks_partial_runs_and_reads_cases(tmp_path, capsys, tiny_llama_
     (out / "cases.jsonl").write_text("\n".join(lines[:2]) + "\n")
     summary = read_run(out)
     assert not summary.complete and summary.metrics["n_cases"] == 2
-    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep"), "-q"]) == 0
-    assert "| lora (partial) | 2 |" in (tmp_path / "rep" / "evaluation_report.md").read_text()
+    assert main(["report", str(root), "--output", str(tmp_path / "rep"), "-q"]) == 0
+    md = (tmp_path / "rep" / "evaluation_report.md").read_text()
+    assert "| lora (partial) | 2 |" in md
+    by_type = md.split("portability by type**")[1].split("**")[0]  # the by-type tables mark it too
+    assert "| lora (partial) |" in by_type and "| lora |" not in by_type
 
 
 def test_report_compares_a_partial_run_on_the_records_every_run_finished(tmp_path, capsys, tiny_llama_folder,
@@ -199,6 +203,16 @@ def test_targets_against_an_unfinished_run_compare_on_its_finished_records(tmp_p
     ("seed: 1", "give 'single' and/or 'sequential'"),
     ("single: {datasets: {zsre: '0:2'}, methods: [lora]}\ntargets: [{dataset: zsre, metric: x, at_least: 1}]",
      "targets[0]"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora]}\n"
+     "targets: [{dataset: zsre, method: lora, metric: locallity, at_least: 1}]", "metric 'locallity'"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora]}\n"
+     "targets: [{dataset: zsre, method: lora, metric: locality, at_least: 1, protocol: seq}]", "protocol 'seq'"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora]}\n"
+     "targets: [{dataset: zsre, method: lora, metric: locality, at_least: 0.9, margin: 0.1}]",
+     "margin applies to not_below only"),
+    ("single: {datasets: {zsre: '0:2'}, methods: [lora]}\n"
+     "targets: [{dataset: zsre, method: lora, metric: locality, not_below: ft-m, margin: a}]",
+     "margin must be a number"),
 ])
 def test_bad_study_files_name_the_key(tmp_path, text, message):
     path = tmp_path / "study.yaml"

@@ -56,6 +56,11 @@ def test_ngram_entropy_of_a_known_string():
 
 def test_perplexity_ratio():
     assert perplexity_ratio(math.log(20.0), math.log(4.0)) == pytest.approx(5.0)
+    assert perplexity_ratio(float("nan"), 1.0) is None  # nothing generated to score: no value, not NaN
+    cases = [{**case, "ppl_r": value} for case, value in zip(
+        [{"edit_success": 1.0, "rephrase": None, "portability": None, "portability_by_type": {}, "locality": None,
+          "locality_by_type": {}, "fluency": 5.0, "fluency_unedited": 5.0, "exact_match": 1.0}] * 3, [1.0, None, 3.0])]
+    assert aggregate(cases)["ppl_r"] == 2.0 and aggregate(cases)["ppl_r_median"] == 2.0
 
 
 def _case(index, portability, locality):
@@ -167,6 +172,39 @@ def test_sequential_keeps_earlier_edits_and_resumes(tmp_path, fixture_data):
     (tmp_path / "seq" / "metrics.json").write_text(json.dumps({**written, "peak_memory_mb": 1e7}))
     third = run_sequential(make(), fixture_data, tmp_path / "seq", seed=0, resume=True, eval_every=2)
     assert third["peak_memory_mb"] == 1e7
+
+
+def test_sequential_resume_without_the_saved_state_refuses_instead_of_measuring_the_unedited_model(
+        tmp_path, fixture_data):
+    import shutil
+
+    def make():
+        return ICELoRAEditor(tiny_llama(), method="ice-lora", max_steps=1, learning_rate=1e-2)
+
+    folder = tmp_path / "seq"
+    run_sequential(make(), fixture_data, folder, seed=0, resume=False, eval_every=2)
+    shutil.rmtree(folder / "state")
+    # finished: nothing left that needs the edited model, so the run is re-read without it
+    assert run_sequential(make(), fixture_data, folder, seed=0, resume=True, eval_every=2)["n_cases"] == 3
+    (folder / "metrics.json").unlink()
+    (folder / "cases.jsonl").write_text("")  # killed before the final evaluation
+    with pytest.raises(RunFolderError, match="state"):
+        run_sequential(make(), fixture_data, folder, seed=0, resume=True, eval_every=2)
+
+
+def test_read_cases_drops_only_an_unfinished_last_line(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    path.write_text('{"index": 0}\n{"index": 1}\n{"ind')
+    assert read_cases(path) == [{"index": 0}, {"index": 1}]
+    assert path.read_text().endswith('{"ind')  # reading alone (a report) leaves the file as it is
+    assert read_cases(path, repair=True) == [{"index": 0}, {"index": 1}]
+    assert path.read_text() == '{"index": 0}\n{"index": 1}\n'  # cut before a run appends to it
+    path.write_text('{"index": 0}\n{"index": 1}')  # whole, but its newline never written
+    assert read_cases(path, repair=True) == [{"index": 0}] and path.read_text() == '{"index": 0}\n'
+    path.write_text('{"index": 0}\nnot json\n{"index": 2}\n')
+    with pytest.raises(RunFolderError, match=r"cases.jsonl, line 2"):
+        read_cases(path, repair=True)
+    assert path.read_text().endswith('{"index": 2}\n')  # nothing after the bad line is lost
 
 
 def test_a_run_from_before_a_config_key_existed_resumes(tmp_path):

@@ -103,6 +103,12 @@ def test_sequential_training_and_checkpoint_eval(setup, capsys):
     assert (tmp_path / "eval_seq" / "cases.jsonl").exists()
     capsys.readouterr()
 
+    # without --model, the checkpoint is evaluated on the model its edit was made on
+    code = main(["eval", "--checkpoint", str(out), "--dataset", str(data), "--output", str(tmp_path / "own"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "own" / "metrics.json").read_text())["n_cases"] == 3
+    capsys.readouterr()
+
     code = main(["eval", "--checkpoint", str(out), "--model", str(folders["gpt2"]), "--dataset", str(data),
                  "--output", str(tmp_path / "wrong"), "-q"])
     err = capsys.readouterr().err

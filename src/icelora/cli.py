@@ -31,8 +31,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from icelora.methods import METHODS
     from icelora.models import EMBEDDED_MODEL
 
-    parser.add_argument("--model", default=EMBEDDED_MODEL,
-                        help=f"embedded {EMBEDDED_MODEL!r} (default), a local model folder or a hub id")
+    parser.add_argument("--model", default=None,
+                        help=f"embedded {EMBEDDED_MODEL!r} (default), a local model folder or a hub id; "
+                             "`eval --checkpoint` defaults to the model the edit was made on")
     parser.add_argument("--method", default=None,
                         help=f"one of {', '.join(METHODS)} (default ice-lora); eval also takes 'none' (no edit)")
     parser.add_argument("--config", default=None, help="YAML file of configuration keys (flags override it)")
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``icelora`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "model"):
+        from icelora.models import EMBEDDED_MODEL
+
+        args.model_given = args.model is not None  # a checkpoint names its own model otherwise
+        args.model = args.model or EMBEDDED_MODEL
     configure_logging(args.quiet)
     try:
         if args.command == "edit":

@@ -29,7 +29,8 @@ class StepRecord:
     ice: float
     target_learned: bool
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | int | bool]:
+        """The record as a JSON-ready mapping."""
         return asdict(self)
 
 

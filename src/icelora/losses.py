@@ -291,6 +291,8 @@ class TargetLayout:
 
 
 def ft_layout(plan: EditPlan, device: torch.device) -> TargetLayout:
+    """The padded rows ``q + x*`` of the plan's requests and where their target tokens sit; built
+    once per plan and device (every step of an edit has the same shapes)."""
     rows = [e.ids for e in plan.encoded]
     key = ("ft", tuple(plan.encoded), plan.pad_id, str(device))
 
@@ -396,6 +398,10 @@ class IceLayout:
 
 
 def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device) -> IceLayout:
+    """The fixed structure of an ICE step, built once per plan: the context rows ``c + q + x*``
+    (``samples_per_context`` per context, left-padded for sampling), the student rows ``q + x*``
+    with room for the ``m`` completion tokens written in each step, and where the target and
+    completion tokens sit in them."""
     owners, context_rows = [], []
     for i, request in enumerate(plan.requests):
         for context in plan.contexts[i]:

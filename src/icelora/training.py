@@ -82,9 +82,10 @@ class TrainLog:
         self.path = path
 
     def entries(self) -> list[dict[str, Any]]:
+        """The logged entries; an unfinished last line (a killed run) is cut before more are added."""
         from icelora.evaluation.runner import read_cases
 
-        return read_cases(self.path)
+        return read_cases(self.path, repair=True)
 
     def add(self, entry: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:

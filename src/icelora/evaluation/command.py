@@ -26,6 +26,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``icelora eval`` and return the aggregate metrics (also written to the output folder)."""
     from icelora.cli import resolve_config
 
+    if args.method == "none" and args.protocol != "single":
+        raise IceloraError("--method none evaluates the unedited model; it runs in the single-edit protocol only")
     if args.checkpoint and args.protocol != "single":
         raise IceloraError("--checkpoint evaluates a saved edit; it takes no --protocol")
     if args.eval_every is not None and args.eval_every < 1:
@@ -46,7 +48,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     folder, metrics_copy = output_paths(args.output)
 
     if args.checkpoint:
-        editor = ICELoRAEditor.load(args.checkpoint, model=None if args.model == "smollm2-135m" else args.model,
+        editor = ICELoRAEditor.load(args.checkpoint, model=args.model if getattr(args, "model_given", True) else None,
                                     device=args.device, dtype=args.dtype)
         metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint))
     else:

@@ -168,8 +168,10 @@ def continuation_nlls(model: nn.Module, pad_id: int, items: list[tuple[tuple[int
     return out
 
 
-def perplexity_ratio(gen_nll: float, target_nll: float) -> float:
+def perplexity_ratio(gen_nll: float, target_nll: float) -> float | None:
     """PPL_r: perplexity of the edited model's generation over that of the target, both scored by
     the unedited model given the prompt (the ICE paper's metric, with logits shifted against labels
-    and the whole prompt used)."""
+    and the whole prompt used). None where either has no token to score (a NaN mean)."""
+    if math.isnan(gen_nll) or math.isnan(target_nll):
+        return None
     return math.exp(gen_nll - target_nll)

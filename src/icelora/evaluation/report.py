@@ -8,6 +8,7 @@ marked "partial").
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from icelora.evaluation.report_data import (
     group_runs,
     on_shared_records,
     read_run,
+    row_label,
     table_rows,
 )
 from icelora.evaluation.targets import Target, check_targets, read_targets
@@ -37,12 +39,14 @@ CURVE_METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (``|`` inside a cell escaped)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def command_block(runs: list[RunSummary]) -> str:
+    """The "Reproduce:" block under a table: the commands recorded in its runs' ``run.json``."""
     found = commands(runs)
     if not found:
         return ""
@@ -64,8 +68,8 @@ def bar_figure(runs: list[RunSummary], metrics: tuple[str, ...], title: str) -> 
     fig, ax = plt.subplots(figsize=(10, 4.2))
     width = 0.8 / max(1, len(runs))
     for i, run in enumerate(runs):
-        values = [run.metrics.get(m) or 0.0 for m in metrics]
-        ax.bar([x + i * width for x in range(len(metrics))], values, width, label=run.label)
+        values = [missing_as_nan(run.metrics.get(m)) for m in metrics]  # no bar where a run has no value
+        ax.bar([x + i * width for x in range(len(metrics))], values, width, label=row_label(run))
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(metrics))], list(metrics))
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
@@ -74,15 +78,20 @@ def bar_figure(runs: list[RunSummary], metrics: tuple[str, ...], title: str) -> 
     return fig
 
 
+def missing_as_nan(value: Any) -> float:
+    """A bar's height: NaN (no bar drawn) for a value the run does not have."""
+    return float("nan") if value is None else float(value)
+
+
 def cost_figure(runs: list[RunSummary], title: str) -> Any:
     """Time per edit, peak memory and trainable parameters per method (log scale where it spans)."""
     plt = _plt()
     edited = [r for r in runs if r.method != "none"]
     fig, axes = plt.subplots(1, len(COST_METRICS), figsize=(12, 3.6))
     for ax, (key, name) in zip(axes, COST_METRICS):
-        values = [float(r.metrics.get(key) or 0.0) for r in edited]
-        ax.bar([r.label for r in edited], values, color="tab:gray")
-        if key == "trainable_params" and all(v > 0 for v in values):
+        values = [missing_as_nan(r.metrics.get(key)) for r in edited]
+        ax.bar([row_label(r) for r in edited], values, color="tab:gray")
+        if key == "trainable_params" and all(v > 0 for v in values if not math.isnan(v)):
             ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -126,6 +135,7 @@ def table_figure(title: str, header: list[str], rows: list[list[str]], note: str
 
 
 def text_figure(title: str, text: str) -> Any:
+    """A PDF page of monospaced text."""
     plt = _plt()
     fig = plt.figure(figsize=(11.7, 8.3))
     fig.text(0.03, 0.96, title, fontsize=13, va="top")
@@ -155,10 +165,12 @@ class ReportWriter:
                 self.lines += [part, ""]
 
     def table(self, title: str, header: list[str], rows: list[list[str]], runs: list[RunSummary]) -> None:
+        """A titled table with its runs' commands under it, in the markdown and as a PDF page."""
         self.text(f"**{title}**", markdown_table(header, rows), command_block(runs))
         self.pages.append(table_figure(title, header, rows, "\n".join(commands(runs))))
 
     def figure(self, fig: Any, name: str, caption: str) -> None:
+        """A figure saved as ``figures/NAME.png``, linked from the markdown and added to the PDF."""
         path = self.figures / f"{name}.png"
         fig.savefig(path, dpi=110)
         self.text(f"![{caption}](figures/{path.name})")
@@ -166,6 +178,8 @@ class ReportWriter:
 
 
 def single_section(writer: ReportWriter, dataset: str, runs: list[RunSummary]) -> None:
+    """A data set's single-edit results: metric tables (and on shared records where a run is partial),
+    by-type tables, cost, bar charts and example edits."""
     writer.text(f"## Single-edit protocol: `{dataset}`")
     header = ["method"] + [name for _, name, _ in MAIN_COLUMNS]
     writer.table(f"{dataset}: metrics", header, table_rows(runs, MAIN_COLUMNS), runs)
@@ -201,6 +215,7 @@ def single_section(writer: ReportWriter, dataset: str, runs: list[RunSummary]) -
 
 
 def sequential_section(writer: ReportWriter, dataset: str, runs: list[RunSummary]) -> None:
+    """A data set's sequential results: the table after the last edit and the curves."""
     writer.text(f"## Sequential protocol: `{dataset}`",
                 "One model takes the edits one after another; after the last edit every record is measured "
                 "again. The curves measure all records edited so far, every `eval_every` edits.")
@@ -212,6 +227,7 @@ def sequential_section(writer: ReportWriter, dataset: str, runs: list[RunSummary
 
 
 def targets_section(writer: ReportWriter, targets: list[Target], runs: list[RunSummary]) -> None:
+    """Each target of the study file, its measured number and whether it is met."""
     rows = [[r.description, r.measured, "met" if r.met else "NOT MET"] for r in check_targets(targets, runs)]
     writer.text("## Targets", "Each target against the measured number; a target not met is listed as such.")
     writer.text(markdown_table(["target", "measured", "result"], rows))
@@ -219,6 +235,7 @@ def targets_section(writer: ReportWriter, targets: list[Target], runs: list[RunS
 
 
 def published_section(writer: ReportWriter) -> None:
+    """The published KnowEdit numbers for Llama-2-7b-chat, labelled as another model."""
     published = PUBLISHED_KNOWEDIT_LLAMA2
     writer.text("## Published numbers (another model)", published["note"])
     header = ["data set", "method", *published["columns"]]

@@ -70,7 +70,7 @@ def find_run_folders(paths: list[Path]) -> list[Path]:
         if (path / RUN_FILE).exists():
             found.append(path)
         else:
-            found += sorted(p.parent for p in path.rglob(RUN_FILE) if "state" not in p.parts)
+            found += sorted(p.parent for p in path.rglob(RUN_FILE) if "state" not in p.relative_to(path).parts)
     if not found:
         raise IceloraError(f"no run folder (with {RUN_FILE}) under {', '.join(map(str, paths))}")
     return sorted(dict.fromkeys(found))
@@ -85,7 +85,10 @@ def read_run(folder: Path) -> RunSummary:
     cases = read_cases(folder / CASES_FILE)
     metrics_path = folder / METRICS_FILE
     complete = metrics_path.exists()
-    metrics = json.loads(metrics_path.read_text()) if complete else aggregate(cases) if cases else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if complete else aggregate(cases) if cases else {}
+    except json.JSONDecodeError as exc:
+        raise IceloraError(f"{metrics_path}: not valid JSON ({exc})") from None
     expected = len(run.get("indices") or [])
     if complete and expected and metrics.get("n_cases", 0) < expected:
         complete = False
@@ -94,6 +97,7 @@ def read_run(folder: Path) -> RunSummary:
 
 
 def method_rank(summary: RunSummary) -> tuple[int, str]:
+    """Sort key: the methods in :data:`METHOD_ORDER`, then any other by name."""
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     return order.get(summary.method, len(order)), summary.method
 
@@ -119,6 +123,7 @@ def on_shared_records(runs: list[RunSummary]) -> list[RunSummary]:
 
 
 def format_value(value: Any, decimals: int) -> str:
+    """A table cell: ``-`` for a missing value, integers with thousands separators."""
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and decimals == 0:
@@ -130,14 +135,16 @@ def format_value(value: Any, decimals: int) -> str:
 
 def table_rows(runs: list[RunSummary], columns: tuple[tuple[str, str, int], ...]) -> list[list[str]]:
     """One row per run: its label (partial runs marked with their case count) and the columns."""
-    rows = []
-    for run in runs:
-        label = run.label if run.complete else f"{run.label} (partial)"
-        rows.append([label] + [format_value(run.metrics.get(key), d) for key, _, d in columns])
-    return rows
+    return [[row_label(run)] + [format_value(run.metrics.get(key), d) for key, _, d in columns] for run in runs]
+
+
+def row_label(run: RunSummary) -> str:
+    """The run's label in a table, ``(partial)`` added where the run is unfinished."""
+    return run.label if run.complete else f"{run.label} (partial)"
 
 
 def by_type_columns(runs: list[RunSummary], key: str) -> list[str]:
+    """The sub-types (of ``portability_by_type`` or ``locality_by_type``) any of the runs has."""
     kinds: set[str] = set()
     for run in runs:
         kinds |= set(run.metrics.get(key) or {})
@@ -145,7 +152,8 @@ def by_type_columns(runs: list[RunSummary], key: str) -> list[str]:
 
 
 def by_type_rows(runs: list[RunSummary], key: str, kinds: list[str]) -> list[list[str]]:
-    return [[run.label] + [format_value((run.metrics.get(key) or {}).get(k), 3) for k in kinds] for run in runs]
+    """One row per run: its label and its score on each sub-type."""
+    return [[row_label(run)] + [format_value((run.metrics.get(key) or {}).get(k), 3) for k in kinds] for run in runs]
 
 
 def commands(runs: list[RunSummary]) -> list[str]:

@@ -52,7 +52,9 @@ METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
 CURVE_FILE = "curve.jsonl"
 #: run.json keys that may differ between a run and its resumption (the data is identified by its sha256).
-VOLATILE_RUN_KEYS = ("command", "versions", "device", "data_file")
+#: ``command_as_run``: kept by a run folder renamed after it ran, whose ``command`` is the one that
+#: reproduces it under its new name.
+VOLATILE_RUN_KEYS = ("command", "command_as_run", "versions", "device", "data_file")
 
 
 class RunFolderError(IceloraError):
@@ -69,6 +71,7 @@ class Baseline:
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256, hex (recorded in ``run.json`` to identify the data)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -77,6 +80,7 @@ def sha256_of(path: Path) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of icelora and the libraries that decide its numbers (recorded in ``run.json``)."""
     import peft
     import transformers
 
@@ -92,6 +96,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def greedy_length(editor: ICELoRAEditor, target: str) -> int:
+    """Tokens to generate for the before/after text: the target's length plus 4, at least 16."""
     return max(16, len(editor.tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 4)
 
 
@@ -112,9 +117,11 @@ class BaselineStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.items = {c["index"]: c for c in read_cases(path)}
+        self.items = {c["index"]: c for c in read_cases(path, repair=True)}
 
     def fill(self, editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int, batch_size: int = 16) -> None:
+        """Measure (with the editor's model as it is: call on the unedited one) and store the
+        records that have no baseline yet, ``batch_size`` at a time."""
         missing = [r for r in records if r.index not in self.items]
         for start in tqdm(range(0, len(missing), batch_size), desc="unedited baselines", file=sys.stderr,
                           disable=not missing or None):
@@ -127,12 +134,14 @@ class BaselineStore:
                 self.items[record.index] = entry
 
     def get(self, index: int) -> Baseline:
+        """The stored baseline of record ``index``."""
         entry = self.items[index]
         locality = [AnswerPrediction(tuple(a), tuple(p)) for a, p in entry["locality"]]
         return Baseline(before=entry["before"], locality=locality, fluency=entry["fluency"])
 
 
 def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
+    """Mean of the values per sub-type (``Reasoning``, ``Relation_Specificity``, ...)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for value, kind in zip(values, kinds):
         groups[kind].append(value)
@@ -197,9 +206,14 @@ def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], b
     return cases
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -227,7 +241,7 @@ def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
         "fluency_unedited": fluency_unedited,
         "fluency_ratio": fluency / fluency_unedited if fluency and fluency_unedited else None,
         "ppl_r": _mean([c["ppl_r"] for c in cases]),
-        "ppl_r_median": statistics.median([c["ppl_r"] for c in cases]) if cases else None,
+        "ppl_r_median": _median([c["ppl_r"] for c in cases]),
         "exact_match": _mean([c["exact_match"] for c in cases]),
         "seconds_per_edit": statistics.fmean(seconds) if seconds else None,
         "seconds_per_case": statistics.fmean(case_seconds) if case_seconds else None,
@@ -236,22 +250,38 @@ def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def read_cases(path: Path) -> list[dict[str, Any]]:
-    """Finished cases; a last line cut off by a killed run is dropped (and cut from the file)."""
+def read_cases(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file a run appends to.
+
+    A last line a killed run left unfinished (no newline, or not JSON) is left out; with ``repair``
+    (a run about to append) it is also cut from the file. An unreadable line before the last is an
+    error naming the file and line: nothing after it is dropped.
+    """
     if not path.exists():
         return []
+    lines = path.read_bytes().splitlines(keepends=True)
     cases, good_bytes = [], 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                cases.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    for number, line in enumerate(lines, 1):
+        last = number == len(lines)
+        if not line.strip():
             good_bytes += len(line)
-    if good_bytes < path.stat().st_size:
-        log.warning("%s: dropping an unfinished last line", path)
-        with open(path, "r+b") as handle:
-            handle.truncate(good_bytes)
+            continue
+        try:
+            case = json.loads(line) if line.endswith(b"\n") or not last else None
+        except json.JSONDecodeError as error:
+            if not last:
+                raise RunFolderError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
+            case = None
+        if case is None:
+            log.warning("%s: leaving out an unfinished last line%s", path, " (cut from the file)" if repair else "")
+            if repair:
+                with open(path, "r+b") as handle:
+                    handle.truncate(good_bytes)
+            break
+        if not isinstance(case, dict):
+            raise RunFolderError(f"{path}, line {number}: a JSON object was expected, got {type(case).__name__}")
+        cases.append(case)
+        good_bytes += len(line)
     return cases
 
 
@@ -297,7 +327,7 @@ class BenchmarkRun:
                     raise RunFolderError(f"{folder}: cannot resume, the run differs in {changed}")
         self.earlier_peak = self._written_peak() if resume else None
         run_path.write_text(json.dumps(run, indent=2) + "\n")
-        self.cases = read_cases(self.cases_path)
+        self.cases = read_cases(self.cases_path, repair=True)
 
     def _written_peak(self) -> float | None:
         """The peak memory an earlier process wrote into this folder's metrics file, if any."""
@@ -346,6 +376,7 @@ def run_description(editor: ICELoRAEditor, method: str, protocol: str, dataset: 
 
 
 def case_header(record: BenchmarkRecord) -> dict[str, Any]:
+    """The fields a case line starts with: which record, and its request."""
     r = record.request
     return {"index": record.index, "prompt": r.prompt, "target": r.target, "subject": r.subject,
             "ground_truth": record.ground_truth}
@@ -440,14 +471,17 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     bench = BenchmarkRun(output, run, resume)
     device = next(editor.model.parameters()).device
     edits_path, curve_path, state = output / "edits.jsonl", output / CURVE_FILE, output / "state"
-    edits = read_cases(edits_path)
+    edits = read_cases(edits_path, repair=True)
+    curve_done = {c["n_edits"] for c in read_cases(curve_path, repair=True)}
     if edits and state.exists():
         editor.params.load(state)
         editor.ledger = [r.request for r in dataset.records if r.index in {e["index"] for e in edits}]
+    elif edits and sequential_work_left(dataset.records, bench.done, curve_done, eval_every):
+        raise RunFolderError(f"{output}: {edits_path.name} lists {len(edits)} edits but {state} is missing, "
+                             "so the edited model cannot be rebuilt; start the run again in a new --output")
     baselines = BaselineStore(output / "baselines.jsonl")
     with editor.unedited():  # all at once, in batches, before the evaluations need them
         baselines.fill(editor, dataset.records, seed)
-    curve_done = {c["n_edits"] for c in read_cases(curve_path)}
     done = {e["index"] for e in edits}
     records = dataset.records
     for position, record in enumerate(tqdm(records, desc="sequential edits", file=sys.stderr), 1):
@@ -475,6 +509,14 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
         with open(curve_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"n_edits": len(records), **aggregate(bench.cases)}) + "\n")
     return metrics
+
+
+def sequential_work_left(records: list[BenchmarkRecord], evaluated: set[int], curve_done: set[int],
+                         eval_every: int | None) -> bool:
+    """Whether a sequential run still has records to evaluate or curve points to measure (work
+    that needs the edited model; a run with neither needs no saved state to be resumed)."""
+    points = {p for p in range(eval_every, len(records), eval_every)} if eval_every else set()
+    return any(r.index not in evaluated for r in records) or not points | {len(records)} <= curve_done
 
 
 def evaluate_fixed(editor: ICELoRAEditor, records: list[BenchmarkRecord], baselines: BaselineStore, seed: int,

@@ -27,6 +27,11 @@ from icelora.evaluation.report_data import RunSummary, on_shared_records
 
 TESTS = ("at_least", "at_most", "better_than", "not_below")
 KEYS = {"protocol", "dataset", "method", "metric", "margin", *TESTS}
+PROTOCOLS = ("single", "sequential")
+#: The aggregates a target may test (``better_than`` and ``not_below`` take higher as better).
+METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "fluency_ratio", "ppl_r",
+           "ppl_r_median", "exact_match", "seconds_per_edit", "seconds_per_case", "median_steps",
+           "peak_memory_mb", "trainable_params")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Target:
 
     @property
     def description(self) -> str:
+        """The target in words, as the report's targets table shows it."""
         where = f"{self.method} {self.metric} ({self.protocol}, {self.dataset})"
         if self.test == "at_least":
             return f"{where} >= {self.value}"
@@ -58,6 +64,8 @@ class Target:
 
 @dataclass(frozen=True)
 class TargetResult:
+    """A target checked: its description, the measured number (with the runs compared) and the verdict."""
+
     description: str
     measured: str
     met: bool
@@ -81,7 +89,16 @@ def read_targets(path: str | Path) -> list[Target]:
             raise InvalidConfigError(f"{where}: needs dataset, method, metric and exactly one of {list(TESTS)}"
                                      f"{f'; unknown key(s) {unknown}' if unknown else ''}")
         test, value = tests[0], entry[tests[0]]
-        if test in ("at_least", "at_most") and not isinstance(value, (int, float)):
+        if entry["metric"] not in METRICS:
+            raise InvalidConfigError(f"{where}: metric {entry['metric']!r} is not one of {list(METRICS)}")
+        if entry.get("protocol", "single") not in PROTOCOLS:
+            raise InvalidConfigError(f"{where}: protocol {entry['protocol']!r} is not one of {list(PROTOCOLS)}")
+        margin = entry.get("margin", 0.0)
+        if "margin" in entry and test != "not_below":
+            raise InvalidConfigError(f"{where}: margin applies to not_below only, not to {test}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise InvalidConfigError(f"{where}: margin must be a number >= 0, got {margin!r}")
+        if test in ("at_least", "at_most") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InvalidConfigError(f"{where}: {test} must be a number, got {value!r}")
         if test in ("better_than", "not_below"):
             value = [value] if isinstance(value, str) else value
@@ -90,7 +107,7 @@ def read_targets(path: str | Path) -> list[Target]:
             value = tuple(value)
         targets.append(Target(dataset=entry["dataset"], method=entry["method"], metric=entry["metric"],
                               test=test, value=value, protocol=entry.get("protocol", "single"),
-                              margin=float(entry.get("margin", 0.0))))
+                              margin=float(margin)))
     return targets
 
 
