@@ -108,6 +108,10 @@ def test_sequential_training_and_checkpoint_eval(setup, capsys):
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "own" / "metrics.json").read_text())["n_cases"] == 3
     capsys.readouterr()
+    # a model named on the command line is the one used, the embedded default included
+    code = main(["eval", "--checkpoint", str(out), "--model", "smollm2-135m", "--dataset", str(data),
+                 "--output", str(tmp_path / "named"), "-q"])
+    assert code == 2 and "holds an edit of another model" in capsys.readouterr().err
 
     code = main(["eval", "--checkpoint", str(out), "--model", str(folders["gpt2"]), "--dataset", str(data),
                  "--output", str(tmp_path / "wrong"), "-q"])

@@ -158,7 +158,7 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
         log.info("saved the edit to %s", args.save)
     trainable, total = editor.parameter_counts()
     return {
-        "prompt": request.prompt, "target": request.target, "method": args.method, "model": args.model,
+        "prompt": request.prompt, "target": request.target, "method": args.method, "model": loaded.name,
         "before": before[0], "after": after[0], "success": starts_with_target(after[0], request.target),
         "edit_seconds": round(result.seconds, 3), "steps": result.steps,
         "trainable_params": trainable, "total_params": total,
@@ -193,11 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``icelora`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(args, "model"):
-        from icelora.models import EMBEDDED_MODEL
-
-        args.model_given = args.model is not None  # a checkpoint names its own model otherwise
-        args.model = args.model or EMBEDDED_MODEL
     configure_logging(args.quiet)
     try:
         if args.command == "edit":

@@ -40,7 +40,7 @@ def run_demo(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     editor = ICELoRAEditor(loaded, method=args.method, config=config)
     trainable, total = editor.parameter_counts()
-    print(f"icelora demo: {args.method} on {args.model}, {trainable:,} of {total:,} parameters trainable "
+    print(f"icelora demo: {args.method} on {loaded.name}, {trainable:,} of {total:,} parameters trainable "
           f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - started:.1f} s\n")
     times = []
     for n, case in enumerate(DEMO_EDITS, 1):

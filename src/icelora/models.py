@@ -168,16 +168,17 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def load_model(
-    name: str = EMBEDDED_MODEL,
+    name: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load ``name`` (the embedded default, a local folder or a hub id) for editing.
+    """Load ``name`` (a local folder or a hub id; None: the embedded default) for editing.
 
     The model is put in eval mode with all parameters frozen; editing methods unfreeze what they
     train.
     """
-    if not name or not name.strip():
+    name = EMBEDDED_MODEL if name is None else name
+    if not name.strip():
         raise ModelLoadError("the model name is empty")
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)

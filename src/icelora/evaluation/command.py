@@ -48,7 +48,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     folder, metrics_copy = output_paths(args.output)
 
     if args.checkpoint:
-        editor = ICELoRAEditor.load(args.checkpoint, model=args.model if getattr(args, "model_given", True) else None,
+        editor = ICELoRAEditor.load(args.checkpoint, model=args.model,
                                     device=args.device, dtype=args.dtype)
         metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint))
     else:

@@ -253,35 +253,31 @@ def aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
 def read_cases(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     """The records of a JSON-lines file a run appends to.
 
-    A last line a killed run left unfinished (no newline, or not JSON) is left out; with ``repair``
-    (a run about to append) it is also cut from the file. An unreadable line before the last is an
-    error naming the file and line: nothing after it is dropped.
+    Each record is written with its newline in one call, so a last line without one is a write a
+    killed run never finished: it is left out, and with ``repair`` (a run about to append) cut from
+    the file. Any other unreadable line is an error naming the file and line: nothing is dropped.
     """
     if not path.exists():
         return []
     lines = path.read_bytes().splitlines(keepends=True)
     cases, good_bytes = [], 0
     for number, line in enumerate(lines, 1):
-        last = number == len(lines)
-        if not line.strip():
-            good_bytes += len(line)
-            continue
-        try:
-            case = json.loads(line) if line.endswith(b"\n") or not last else None
-        except json.JSONDecodeError as error:
-            if not last:
-                raise RunFolderError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
-            case = None
-        if case is None:
+        if not line.endswith(b"\n"):  # only the last line can lack it: a write the run never finished
             log.warning("%s: leaving out an unfinished last line%s", path, " (cut from the file)" if repair else "")
             if repair:
                 with open(path, "r+b") as handle:
                     handle.truncate(good_bytes)
             break
+        good_bytes += len(line)
+        if not line.strip():
+            continue
+        try:
+            case = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunFolderError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
         if not isinstance(case, dict):
             raise RunFolderError(f"{path}, line {number}: a JSON object was expected, got {type(case).__name__}")
         cases.append(case)
-        good_bytes += len(line)
     return cases
 
 
@@ -515,7 +511,7 @@ def sequential_work_left(records: list[BenchmarkRecord], evaluated: set[int], cu
                          eval_every: int | None) -> bool:
     """Whether a sequential run still has records to evaluate or curve points to measure (work
     that needs the edited model; a run with neither needs no saved state to be resumed)."""
-    points = {p for p in range(eval_every, len(records), eval_every)} if eval_every else set()
+    points = set(range(eval_every, len(records), eval_every)) if eval_every else set()
     return any(r.index not in evaluated for r in records) or not points | {len(records)} <= curve_done
 
 

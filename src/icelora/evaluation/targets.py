@@ -23,15 +23,21 @@ from typing import Any
 
 from icelora.config import read_yaml_mapping
 from icelora.errors import InvalidConfigError
+from icelora.evaluation.compare import PROTOCOLS
 from icelora.evaluation.report_data import RunSummary, on_shared_records
+from icelora.evaluation.runner import aggregate
 
 TESTS = ("at_least", "at_most", "better_than", "not_below")
 KEYS = {"protocol", "dataset", "method", "metric", "margin", *TESTS}
-PROTOCOLS = ("single", "sequential")
-#: The aggregates a target may test (``better_than`` and ``not_below`` take higher as better).
-METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "fluency_ratio", "ppl_r",
-           "ppl_r_median", "exact_match", "seconds_per_edit", "seconds_per_case", "median_steps",
-           "peak_memory_mb", "trainable_params")
+#: Whole-run numbers a ``metrics.json`` holds beside the aggregates of its cases.
+RUN_METRICS = ("peak_memory_mb", "trainable_params")
+
+
+def metric_names() -> tuple[str, ...]:
+    """The numbers a target may test: every scalar aggregate of a run's cases, and
+    :data:`RUN_METRICS` (``better_than`` and ``not_below`` take higher as better)."""
+    scalars = [k for k in aggregate([]) if k != "n_cases" and not k.endswith("_by_type")]
+    return (*scalars, *RUN_METRICS)
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,8 @@ def read_targets(path: str | Path) -> list[Target]:
             raise InvalidConfigError(f"{where}: needs dataset, method, metric and exactly one of {list(TESTS)}"
                                      f"{f'; unknown key(s) {unknown}' if unknown else ''}")
         test, value = tests[0], entry[tests[0]]
-        if entry["metric"] not in METRICS:
-            raise InvalidConfigError(f"{where}: metric {entry['metric']!r} is not one of {list(METRICS)}")
+        if entry["metric"] not in metric_names():
+            raise InvalidConfigError(f"{where}: metric {entry['metric']!r} is not one of {list(metric_names())}")
         if entry.get("protocol", "single") not in PROTOCOLS:
             raise InvalidConfigError(f"{where}: protocol {entry['protocol']!r} is not one of {list(PROTOCOLS)}")
         margin = entry.get("margin", 0.0)
