@@ -86,6 +86,9 @@ def test_loop_drops_a_stopped_edit_and_leaves_its_tensors_alone():
         def training(self, on):
             pass
 
+        def after_step(self):
+            pass
+
     config = EditConfig(max_steps=5, early_stopping=True, early_stop_patience=1, early_stop_tolerance=1.0,
                         learning_rate=0.1)
     values_after: list[torch.Tensor] = []
@@ -109,7 +112,7 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
 @pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors", "ice-lora+subject-anchors",
-                                    "ice-lora+relation-anchors"])
+                                    "ice-lora+relation-anchors", "ice-lora+projected-relation-anchors"])
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplog):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
@@ -118,13 +121,16 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     9e-8 in the logits). ``+anchors``: with the locality
     term, each edit's anchor rows routed to its own adapter; ``+subject-anchors``: each edit with
     anchors about its own subject (the last request has none: it gets the general anchors);
-    ``+relation-anchors``: the same with its subject's other relations."""
+    ``+relation-anchors``: the same with its subject's other relations; ``+projected-relation-anchors``:
+    with each adapter kept orthogonal to its own anchors' leading input directions."""
     loaded = builder()
     loaded.model.double()
     requests = REQUESTS
     extra = {"lambda_locality": 0.5, "locality_anchors": 2} if method.endswith("anchors") else {}
     if method.endswith(("+subject-anchors", "+relation-anchors")):
-        extra["locality_anchor_kind"] = method.split("+")[1].split("-")[0]
+        extra["locality_anchor_kind"] = method.split("+")[1].split("-")[-2]
+    if "+projected" in method:
+        extra["lora_projection_energy"] = 0.8
         requests = [replace(REQUESTS[0], subject="The Eiffel Tower"), replace(REQUESTS[1], subject="Danielle Darrieux"),
                     REQUESTS[2]]
     method = method.split("+")[0]

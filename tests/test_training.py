@@ -147,3 +147,26 @@ def test_sequential_training_resumes_exactly_with_replay(setup, monkeypatch):
     assert resumed.keys() == final.keys()
     for key, value in final.items():
         assert (resumed[key] == value).all(), key
+
+
+def test_batch_training_keeps_the_adapter_blind_to_every_minibatchs_anchors(setup, monkeypatch):
+    """Under ``lora_projection_energy`` the trained ``A`` of every module is orthogonal to the
+    leading input directions of the anchors of all minibatches, and the constraint is lifted after."""
+    from icelora.parameterization import LoraParameterization
+
+    calls = []
+    protect = LoraParameterization.protect
+
+    def spy(self, directions, adapter="default"):
+        calls.append(directions)
+        return protect(self, directions, adapter)
+
+    monkeypatch.setattr(LoraParameterization, "protect", spy)
+    tmp_path, folders, data = setup
+    config = read_train_config(write_config(tmp_path, folders["gpt2"], data, lora_projection_energy=0.8))
+    train(config, tmp_path / "run")
+    assert len(calls) == 2 and calls[1] is None
+    adapter = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    for name, directions in calls[0].items():
+        (a,) = [v for k, v in adapter.items() if k.endswith(f"{name}.lora_A.weight")]
+        assert a.abs().max() > 0 and (a @ directions).abs().max() < 1e-5, name

@@ -37,6 +37,12 @@ class EditConfig:
     locality_anchor_kind: ``general`` (fixed unrelated texts), ``subject`` (prompts about each
         request's subject, continued by the unedited model's greedy tokens) or ``relation`` (the
         subject's other relations, asked for common Wikidata properties, continued likewise).
+    lora_projection_energy: LoRA only, with the locality term on: keep each adapter's input
+        projection ``A`` orthogonal to the leading directions of the inputs its module receives on
+        the edit's anchors before the edit (those holding this share of their energy), so the
+        update cannot act on them (:mod:`icelora.input_projection`); ``None``: off. Each edit
+        call protects its own anchors, on the whole adapter (in sequential editing, earlier
+        edits' part of it included).
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
@@ -72,6 +78,7 @@ class EditConfig:
     lambda_locality: float = 0.0
     locality_anchors: int = 4
     locality_anchor_kind: str = "general"
+    lora_projection_energy: float | None = None
     autocast_dtype: str | None = None
     replay_edits: int = 0
     lambda_replay: float = 1.0
@@ -131,6 +138,13 @@ class EditConfig:
         if self.locality_anchor_kind not in LOCALITY_ANCHOR_KINDS:
             raise InvalidConfigError(f"locality_anchor_kind must be one of {list(LOCALITY_ANCHOR_KINDS)}, "
                                      f"got {self.locality_anchor_kind!r}")
+        energy = self.lora_projection_energy
+        if energy is not None:
+            if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy < 1:
+                raise InvalidConfigError(f"lora_projection_energy must be a number in (0, 1) or null, got {energy!r}")
+            if self.parameterization != "lora" or not self.lambda_locality:
+                raise InvalidConfigError("lora_projection_energy needs parameterization lora and lambda_locality > 0 "
+                                         "(it protects the inputs of the locality anchors)")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

@@ -127,6 +127,7 @@ def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensor
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             optimizer.step()
+            params.after_step()
             for k, part in zip(active, parts.per_request):
                 histories[k].append(StepRecord(step, part.loss, part.ft, part.ice, part.learned))
             if config.early_stopping:

@@ -29,6 +29,7 @@ from icelora.architecture import (
 from icelora.config import EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
+from icelora.input_projection import leading_directions, module_inputs
 from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
@@ -184,7 +185,9 @@ class ICELoRAEditor:
         does, its anchors included."""
         start = time.perf_counter()
         plan = build_plan(self.tokenizer, batch, self.config)
-        main = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        teachers = self.anchor_teachers(plan)
+        self.protect_from_anchors(teachers, [ADAPTER_NAME])
+        main = Objective(plan, self.config, model_device(self.model), teachers)
         main.cuda_graphs = self.cuda_graphs
         objective: Callable[[torch.nn.Module, int], LossParts] = main
         earlier = replayed_requests(self.ledger, batch) if replay and self.config.replay_edits else []
@@ -192,7 +195,10 @@ class ICELoRAEditor:
             replayed = build_plan(self.tokenizer, earlier, self.config)
             objective = ReplayObjective(objective, replayed, self.config, self.replay_anchors(replayed))
         torch.manual_seed(self.config.seed)
-        history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
+        try:
+            history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
+        finally:
+            self.protect_from_anchors(None, [ADAPTER_NAME])
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
         return history, time.perf_counter() - start
@@ -247,7 +253,9 @@ class ICELoRAEditor:
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         start = time.perf_counter()
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
-        objective = Objective(plan, self.config, model_device(self.model), self.anchor_teachers(plan))
+        teachers = self.anchor_teachers(plan)
+        self.protect_from_anchors(teachers, names)
+        objective = Objective(plan, self.config, model_device(self.model), teachers)
         objective.cuda_graphs = self.cuda_graphs
         histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
                                               objective, len(batch), self.config, progress=progress)
@@ -269,6 +277,26 @@ class ICELoRAEditor:
                 histories.append(history)
                 seconds.append(took)
         return histories, seconds
+
+    def protect_from_anchors(self, teachers: list[AnchorTeacher] | None, adapters: list[str]) -> None:
+        """Under ``lora_projection_energy``: keep adapter ``adapters[k]`` blind to the leading
+        directions of its modules' inputs on ``teachers[k]``'s anchors (one set for all adapters
+        when there is one), measured on the model as that adapter sees it (the main adapter: the
+        model as it is; a separate one: routed to it, before its training, the unedited model);
+        ``teachers`` ``None``: lift it."""
+        energy = self.config.lora_projection_energy
+        if energy is None or not isinstance(self.params, LoraParameterization):
+            return
+        if teachers is None:
+            for adapter in adapters:
+                self.params.protect(None, adapter)
+            return
+        modules = self.params.base_modules()
+        for k, adapter in enumerate(adapters):
+            teacher = teachers[k] if len(teachers) > 1 else teachers[0]
+            route = {} if adapter == ADAPTER_NAME else {"adapter_names": [adapter] * len(teacher.rows)}
+            inputs = module_inputs(self.model, modules, teacher.rows, self.tokenizer.pad_token_id, **route)
+            self.params.protect({name: leading_directions(x, energy) for name, x in inputs.items()}, adapter)
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
         """The unedited model's distributions on the locality anchors of ``plan``'s requests

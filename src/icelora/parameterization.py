@@ -18,7 +18,8 @@ from torch import nn
 from icelora.architecture import ArchitectureMap
 from icelora.config import EditConfig
 from icelora.errors import AdapterFolderError
-from icelora.lora_utils import ADAPTER_NAME, attach_lora, build_lora_config, merged_state_dict
+from icelora.input_projection import project_off
+from icelora.lora_utils import ADAPTER_NAME, attach_lora, build_lora_config, lora_layers, merged_state_dict
 from icelora.row_routing import install_row_routing
 
 FULL_WEIGHTS_FILE = "edited_weights.safetensors"
@@ -76,6 +77,30 @@ class LoraParameterization(Parameterization):
         self.model = attach_lora(model, self.lora_config, config.seed)
         self.model.eval()
         self._take_snapshot()
+        #: adapter -> module -> orthonormal input directions its ``A`` is kept orthogonal to
+        self.protected: dict[str, dict[str, torch.Tensor]] = {}
+
+    def base_modules(self) -> dict[str, nn.Module]:
+        """The adapted modules' original layers, by their name in the base model."""
+        return {name: module.get_base_layer() for name, module in lora_layers(self.model).items()}
+
+    def protect(self, directions: dict[str, torch.Tensor] | None, adapter: str = ADAPTER_NAME) -> None:
+        """Keep ``adapter``'s input projections orthogonal to ``directions`` (module -> [in, k]) from
+        now on (projected at once and after every step); ``None`` lifts the constraint."""
+        if directions is None:
+            self.protected.pop(adapter, None)
+            return
+        self.protected[adapter] = directions
+        self._project(adapter)
+
+    def _project(self, adapter: str) -> None:
+        modules = lora_layers(self.model)
+        for name, directions in self.protected[adapter].items():
+            project_off(modules[name].lora_A[adapter].weight, directions)
+
+    def after_step(self) -> None:
+        for adapter in self.protected:
+            self._project(adapter)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """The main adapter's tensors (not those of :meth:`add_separate_adapters`)."""
@@ -113,6 +138,7 @@ class LoraParameterization(Parameterization):
     def remove_separate_adapters(self, names: list[str]) -> None:
         """Delete adapters added by :meth:`add_separate_adapters`."""
         for name in names:
+            self.protected.pop(name, None)
             self.model.delete_adapter(name)
 
     def save(self, folder: Path) -> None:

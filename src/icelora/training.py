@@ -14,12 +14,14 @@ from typing import Any
 
 import yaml
 
+from icelora.anchors import joined
 from icelora.checkpoint import load_optimizer, save_optimizer
 from icelora.config import EditConfig, check_keys, read_yaml_mapping
 from icelora.data_utils.dataset import load_dataset, resolve_dataset
 from icelora.editing_loop import StepRecord, make_optimizer, run_edit_loop
 from icelora.errors import IceloraError, InvalidConfigError
 from icelora.icelora_editor import ICELoRAEditor
+from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import CyclingObjective, Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, load_model
@@ -171,8 +173,14 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
             editor.params.save(folder)
             save_optimizer(optimizer, folder)
 
-    run_edit_loop(editor.model, editor.params, objective, edit_config, optimizer=optimizer, start_step=start,
-                  on_step=on_step)
+    if anchors[0] is not None:  # under lora_projection_energy: blind to every minibatch's anchors
+        distinct = anchors[:1] if edit_config.locality_anchor_kind == "general" else anchors
+        editor.protect_from_anchors([joined([t for group in distinct for t in group])], [ADAPTER_NAME])
+    try:
+        run_edit_loop(editor.model, editor.params, objective, edit_config, optimizer=optimizer, start_step=start,
+                      on_step=on_step)
+    finally:
+        editor.protect_from_anchors(None, [ADAPTER_NAME])
 
 
 def _train_sequential(editor: ICELoRAEditor, requests: list, indices: list[int], output: Path,

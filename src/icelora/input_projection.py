@@ -1,0 +1,63 @@
+"""Null-space LoRA: keep an adapter blind to the inputs its module sees on the locality anchors.
+
+A LoRA update of a module is ``dW = B A``; on an input ``k`` it adds ``B A k``. If every row of
+``A`` is orthogonal to a set of inputs ``K``, the update leaves the module's output on them exactly
+as it was: ``B A k = 0`` for every ``k`` in ``span(K)``. This is the null-space idea of AlphaEdit
+(Fang et al., 2024) applied to LoRA's input projection, with ``K`` the inputs the module receives
+(before the edit) at every position of the edit's locality anchors, so the constraint is hard
+where the locality term's KL is soft.
+
+All the anchors' inputs together span nearly the whole input space, so only their leading
+directions are removed: the fewest left singular vectors of ``K`` holding ``energy`` of its
+squared singular values (the uncentred second moment), which include the directions that every
+token's input shares. After each optimizer step, ``A <- A - (A U) U^T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from icelora.tokenization import pad_rows
+
+
+@torch.no_grad()
+def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequence[Sequence[int]], pad_id: int,
+                  **forward_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The input each of ``modules`` receives at every real (unpadded) position of token ``rows``
+    in one forward pass of ``model`` (given ``forward_kwargs`` too, e.g. adapter routing):
+    name -> [positions, in_features], in float32."""
+    device = next(model.parameters()).device
+    batch = pad_rows([tuple(r) for r in rows], pad_id, device=device)
+    real = batch.attention_mask.bool()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_pre_hook(
+        lambda _m, args, name=name: seen.__setitem__(name, args[0][real].float()))
+        for name, module in modules.items()]
+    try:
+        model(**batch.forward_kwargs(), **forward_kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
+    """Orthonormal columns [in_features, k]: the fewest left singular vectors of ``inputs.T``
+    ([positions, in_features] given) whose squared singular values hold ``energy`` of the total."""
+    if not 0 < energy < 1:
+        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+    u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
+    share = (s**2).cumsum(0) / (s**2).sum()
+    k = int((share < energy).sum().item()) + 1
+    return u[:, :k].to(inputs.dtype)
+
+
+@torch.no_grad()
+def project_off(weight: torch.Tensor, directions: torch.Tensor) -> None:
+    """In place: ``weight [r, in] <- weight - (weight U) U^T``, its rows made orthogonal to ``U``."""
+    u = directions.to(weight.dtype)
+    weight.sub_((weight @ u) @ u.T)

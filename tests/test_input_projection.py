@@ -1,0 +1,99 @@
+"""Null-space LoRA (``lora_projection_energy``): the update vanishes on the anchors' leading input directions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icelora import ICELoRAEditor
+from icelora.anchors import relation_anchors
+from icelora.config import EditConfig
+from icelora.errors import InvalidConfigError
+from icelora.input_projection import leading_directions, module_inputs, project_off
+from icelora.lora_utils import lora_layers
+from icelora.request import EditRequest
+
+REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome", subject="The Eiffel Tower",
+                      contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower."))
+SETTINGS = {"max_steps": 6, "layers": [1, 2], "learning_rate": 5e-2, "early_stopping": False,
+            "lambda_locality": 0.5, "locality_anchor_kind": "relation"}
+
+
+def test_leading_directions_hold_the_asked_share_of_energy():
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(8, 8))
+    scales = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1, 0.1, 0.1])
+    inputs = torch.randn(200, 8) @ torch.diag(scales) @ basis.T  # energy mostly along basis[:, 0], then [:, 1]
+    share = (scales**2).cumsum(0) / (scales**2).sum()
+    for energy in (0.5, 0.9, 0.99):
+        u = leading_directions(inputs, energy)
+        expected = int((share < energy).sum()) + 1
+        assert abs(u.shape[1] - expected) <= 1  # the sample's spectrum is near the scales'
+        assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-5)
+        _, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
+        held = (s[: u.shape[1]] ** 2).sum() / (s**2).sum()
+        assert held >= energy and (u.shape[1] == 1 or (s[: u.shape[1] - 1] ** 2).sum() / (s**2).sum() < energy)
+    with pytest.raises(ValueError, match="energy"):
+        leading_directions(inputs, 1.0)
+
+
+def test_project_off_makes_the_rows_orthogonal_to_the_directions():
+    torch.manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(16, 3))
+    weight = torch.randn(4, 16)
+    kept = weight - weight @ u @ u.T
+    project_off(weight, u)
+    assert (weight @ u).abs().max() < 1e-5
+    assert torch.allclose(weight, kept)
+
+
+def test_module_inputs_ignore_padding(tiny):
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9)
+    modules = editor.params.base_modules()
+    rows = [tuple(editor.tokenizer(t)["input_ids"]) for t in ("The Eiffel Tower is", "Rome is the capital of Italy")]
+    both = module_inputs(editor.model, modules, rows, editor.tokenizer.pad_token_id)
+    alone = module_inputs(editor.model, modules, rows[:1], editor.tokenizer.pad_token_id)
+    for name in modules:
+        assert both[name].shape[0] == sum(len(r) for r in rows)
+        assert torch.allclose(both[name][: len(rows[0])], alone[name], atol=1e-5)
+
+
+def _update_on(editor: ICELoRAEditor, name: str, directions: torch.Tensor, adapter: str = "default") -> float:
+    """||B A U|| / ||B A||: the share of the adapter's update that acts on ``directions``."""
+    module = lora_layers(editor.model)[name]
+    delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight  # [out, in]
+    return ((delta @ directions).norm() / delta.norm()).item()
+
+
+def test_an_edit_leaves_the_anchors_leading_directions_alone(tiny):
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9)
+    modules = editor.params.base_modules()
+    anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
+    inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)
+    before = editor.model(torch.tensor([editor.tokenizer(REQUEST.prompt)["input_ids"]])).logits
+    editor.edit(REQUEST, progress=False)
+    after = editor.model(torch.tensor([editor.tokenizer(REQUEST.prompt)["input_ids"]])).logits
+    assert (after - before).abs().max() > 1e-3  # the edit did something
+    for name, x in inputs.items():
+        directions = leading_directions(x, 0.9)
+        assert _update_on(editor, name, directions) < 1e-5, name
+    assert editor.params.protected == {}  # lifted when the edit ends
+
+
+def test_without_the_constraint_the_update_acts_on_those_directions(tiny):
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS)
+    modules = editor.params.base_modules()
+    anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
+    inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)
+    editor.edit(REQUEST, progress=False)
+    assert max(_update_on(editor, name, leading_directions(x, 0.9)) for name, x in inputs.items()) > 0.1
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"lora_projection_energy": 1.0}, "in \\(0, 1\\)"),
+    ({"lora_projection_energy": 0.9, "lambda_locality": 0.0}, "lambda_locality"),
+    ({"lora_projection_energy": 0.9, "lambda_locality": 1.0, "parameterization": "full"}, "parameterization lora"),
+])
+def test_config_rejects_a_projection_it_cannot_make(changes, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        EditConfig(**changes)
