@@ -9,7 +9,9 @@ and reported as its mean ± the standard error of the mean. Two settings run on 
 differ far less per record than the records differ from each other, so this is the comparison
 ``reports/tuning.md`` quotes. ``fluency`` is in bits (the n-gram entropy of the generated text).
 ``--criterion`` adds the tuning criterion of ``reports/tuning.md`` per record: the mean of the
-record's rephrase, portability and locality (those it has).
+record's rephrase, portability and locality (those it has). A second table gives each run's mean
+on the same records, and its fluency_ratio there (mean fluency over mean unedited fluency), so
+that runs still in progress can be compared on the records they share.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from icelora.evaluation.runner import CASES_FILE, read_cases
 
-METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match")
+METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match", "steps")
 CRITERION_PARTS = ("rephrase", "portability", "locality")
 
 
@@ -68,6 +70,26 @@ def paired_differences(base: dict[int, dict], other: dict[int, dict],
     return out
 
 
+def shared_means(base: dict[int, dict], other: dict[int, dict],
+                 metrics: tuple[str, ...] = METRICS) -> list[tuple[str, int, float, float]]:
+    """Per metric, (metric, n, BASE mean, OTHER mean) over the records both have a value for, then
+    ``fluency_ratio`` (mean ``fluency`` / mean ``fluency_unedited``) on the records both have those for."""
+    shared = sorted(set(base) & set(other))
+    out = []
+    for metric in metrics:
+        both = [i for i in shared if base[i].get(metric) is not None and other[i].get(metric) is not None]
+        if both:
+            out.append((metric, len(both), sum(float(base[i][metric]) for i in both) / len(both),
+                        sum(float(other[i][metric]) for i in both) / len(both)))
+    fields = ("fluency", "fluency_unedited")
+    both = [i for i in shared if all(run[i].get(f) is not None for run in (base, other) for f in fields)]
+    if both:
+        ratio = [sum(run[i]["fluency"] for i in both) / sum(run[i]["fluency_unedited"] for i in both)
+                 for run in (base, other)]
+        out.append(("fluency_ratio", len(both), ratio[0], ratio[1]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
@@ -85,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|")
     for row in rows:
         print(f"| {row.metric} | {row.n} | {row.mean:+.3f} ± {row.standard_error:.3f} |")
+    print(f"\nMeans on the same records:\n| metric | n | {args.base.name} | {args.other.name} |\n|---|---|---|---|")
+    for metric, n, base_mean, other_mean in shared_means(base, other, METRICS):
+        print(f"| {metric} | {n} | {base_mean:.3f} | {other_mean:.3f} |")
 
 
 if __name__ == "__main__":

@@ -329,3 +329,29 @@ def test_paired_differences_add_the_tuning_criterion_on_request(tmp_path, capsys
     paired_differences.main([str(tmp_path / "base"), str(tmp_path / "other"), "--criterion"])
     # record 0: (0.8+0.2+0.8)/3 - (0.5+0.2+0.8)/3 = 0.1; record 1 (no rephrase): 0.7 - 0.5 = 0.2
     assert "| criterion | 2 | +0.150 ± 0.050 |" in capsys.readouterr().out
+
+
+def test_paired_differences_print_each_runs_means_on_the_shared_records(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paired_differences
+
+    def case(index, locality, steps, fluency=None):
+        return {"index": index, "locality": locality, "steps": steps, "fluency": fluency,
+                "fluency_unedited": None if fluency is None else 5.0}
+
+    for name, rows in (("base", [case(0, 0.5, 10, 4.0), case(1, 1.0, 12, 6.0), case(2, 0.0, 99)]),
+                       ("other", [case(0, 1.0, 14, 3.0), case(1, 1.0, 16, 5.0)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    means = paired_differences.shared_means(paired_differences.load_cases(tmp_path / "base"),
+                                            paired_differences.load_cases(tmp_path / "other"))
+    # record 2 is the base's alone: left out of every mean
+    assert means == [("locality", 2, 0.75, 1.0), ("fluency", 2, 5.0, 4.0), ("steps", 2, 11.0, 15.0),
+                     ("fluency_ratio", 2, 1.0, 0.8)]
+    paired_differences.main([str(tmp_path / "base"), str(tmp_path / "other")])
+    out = capsys.readouterr().out
+    assert "| steps | 2 | +4.000 ± 0.000 |" in out and "| fluency_ratio | 2 | 1.000 | 0.800 |" in out
+

@@ -97,3 +97,26 @@ def test_without_the_constraint_the_update_acts_on_those_directions(tiny):
 def test_config_rejects_a_projection_it_cannot_make(changes, message):
     with pytest.raises(InvalidConfigError, match=message):
         EditConfig(**changes)
+
+
+def test_the_directions_script_counts_each_modules_protected_directions(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import tiny_llama
+    from tests.test_dataset import KNOWEDIT_ZSRE
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import protected_directions
+
+    loaded = tiny_llama()
+    loaded.model.save_pretrained(tmp_path / "model")
+    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.json").write_text(json.dumps(KNOWEDIT_ZSRE[:1]))
+    protected_directions.main(["--dataset", str(tmp_path / "data.json"), "--index", "0", "--energy", "0.5", "0.99",
+                               "--model", str(tmp_path / "model"), "--layers", "0", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 6  # gate, up and down projections of layers 0 and 1
+    for name, positions, size, low, high in rows:
+        assert int(positions) > 0 and 1 <= int(low) < int(high.rstrip(" |")) <= int(size), name

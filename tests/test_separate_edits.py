@@ -127,12 +127,12 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     loaded.model.double()
     requests = REQUESTS
     extra = {"lambda_locality": 0.5, "locality_anchors": 2} if method.endswith("anchors") else {}
-    if method.endswith(("+subject-anchors", "+relation-anchors")):
+    if method.endswith(("subject-anchors", "relation-anchors")):
         extra["locality_anchor_kind"] = method.split("+")[1].split("-")[-2]
-    if "+projected" in method:
-        extra["lora_projection_energy"] = 0.8
         requests = [replace(REQUESTS[0], subject="The Eiffel Tower"), replace(REQUESTS[1], subject="Danielle Darrieux"),
                     REQUESTS[2]]
+    if "+projected" in method:
+        extra["lora_projection_energy"] = 0.8
     method = method.split("+")[0]
     editor = ICELoRAEditor(loaded, method=method, **SETTINGS, **extra)
     probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])

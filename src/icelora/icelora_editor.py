@@ -186,7 +186,6 @@ class ICELoRAEditor:
         start = time.perf_counter()
         plan = build_plan(self.tokenizer, batch, self.config)
         teachers = self.anchor_teachers(plan)
-        self.protect_from_anchors(teachers, [ADAPTER_NAME])
         main = Objective(plan, self.config, model_device(self.model), teachers)
         main.cuda_graphs = self.cuda_graphs
         objective: Callable[[torch.nn.Module, int], LossParts] = main
@@ -195,10 +194,8 @@ class ICELoRAEditor:
             replayed = build_plan(self.tokenizer, earlier, self.config)
             objective = ReplayObjective(objective, replayed, self.config, self.replay_anchors(replayed))
         torch.manual_seed(self.config.seed)
-        try:
+        with self.anchors_protected(teachers, [ADAPTER_NAME]):
             history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
-        finally:
-            self.protect_from_anchors(None, [ADAPTER_NAME])
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
         return history, time.perf_counter() - start
@@ -254,11 +251,11 @@ class ICELoRAEditor:
         start = time.perf_counter()
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
         teachers = self.anchor_teachers(plan)
-        self.protect_from_anchors(teachers, names)
         objective = Objective(plan, self.config, model_device(self.model), teachers)
         objective.cuda_graphs = self.cuda_graphs
-        histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
-                                              objective, len(batch), self.config, progress=progress)
+        with self.anchors_protected(teachers, names):
+            histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
+                                                  objective, len(batch), self.config, progress=progress)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
         return histories, time.perf_counter() - start
@@ -278,18 +275,16 @@ class ICELoRAEditor:
                 seconds.append(took)
         return histories, seconds
 
-    def protect_from_anchors(self, teachers: list[AnchorTeacher] | None, adapters: list[str]) -> None:
-        """Under ``lora_projection_energy``: keep adapter ``adapters[k]`` blind to the leading
-        directions of its modules' inputs on ``teachers[k]``'s anchors (one set for all adapters
-        when there is one), measured on the model as that adapter sees it (the main adapter: the
-        model as it is; a separate one: routed to it, before its training, the unedited model);
-        ``teachers`` ``None``: lift it."""
+    @contextmanager
+    def anchors_protected(self, teachers: list[AnchorTeacher] | None, adapters: list[str]) -> Iterator[None]:
+        """Within the block, under ``lora_projection_energy``: adapter ``adapters[k]`` is kept blind
+        to the leading directions of its modules' inputs on ``teachers[k]``'s anchors (one set for
+        all adapters when there is one), measured on the model as that adapter sees it (the main
+        adapter: the model as it is; a separate one: routed to it, before its training, the
+        unedited model). Nothing happens without the setting (or without anchors)."""
         energy = self.config.lora_projection_energy
-        if energy is None or not isinstance(self.params, LoraParameterization):
-            return
-        if teachers is None:
-            for adapter in adapters:
-                self.params.protect(None, adapter)
+        if energy is None or not teachers or not isinstance(self.params, LoraParameterization):
+            yield
             return
         modules = self.params.base_modules()
         for k, adapter in enumerate(adapters):
@@ -297,6 +292,11 @@ class ICELoRAEditor:
             route = {} if adapter == ADAPTER_NAME else {"adapter_names": [adapter] * len(teacher.rows)}
             inputs = module_inputs(self.model, modules, teacher.rows, self.tokenizer.pad_token_id, **route)
             self.params.protect({name: leading_directions(x, energy) for name, x in inputs.items()}, adapter)
+        try:
+            yield
+        finally:
+            for adapter in adapters:
+                self.params.protect(None, adapter)
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
         """The unedited model's distributions on the locality anchors of ``plan``'s requests

@@ -58,6 +58,6 @@ def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
 
 @torch.no_grad()
 def project_off(weight: torch.Tensor, directions: torch.Tensor) -> None:
-    """In place: ``weight [r, in] <- weight - (weight U) U^T``, its rows made orthogonal to ``U``."""
-    u = directions.to(weight.dtype)
-    weight.sub_((weight @ u) @ u.T)
+    """In place: ``weight [r, in] <- weight - (weight U) U^T``, its rows made orthogonal to ``U``
+    (``directions`` [in, k], in the weight's dtype)."""
+    weight.sub_((weight @ directions) @ directions.T)

@@ -77,8 +77,8 @@ class LoraParameterization(Parameterization):
         self.model = attach_lora(model, self.lora_config, config.seed)
         self.model.eval()
         self._take_snapshot()
-        #: adapter -> module -> orthonormal input directions its ``A`` is kept orthogonal to
-        self.protected: dict[str, dict[str, torch.Tensor]] = {}
+        #: adapter -> (its ``A`` weight, the orthonormal input directions it is kept orthogonal to) per module
+        self.protected: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def base_modules(self) -> dict[str, nn.Module]:
         """The adapted modules' original layers, by their name in the base model."""
@@ -90,17 +90,19 @@ class LoraParameterization(Parameterization):
         if directions is None:
             self.protected.pop(adapter, None)
             return
-        self.protected[adapter] = directions
-        self._project(adapter)
-
-    def _project(self, adapter: str) -> None:
         modules = lora_layers(self.model)
-        for name, directions in self.protected[adapter].items():
-            project_off(modules[name].lora_A[adapter].weight, directions)
+        pairs = []
+        for name, u in directions.items():
+            weight = modules[name].lora_A[adapter].weight
+            pairs.append((weight, u.to(weight.device, weight.dtype)))
+        self.protected[adapter] = pairs
+        for weight, u in pairs:  # this adapter only: projecting the others again would move their rounding
+            project_off(weight, u)
 
     def after_step(self) -> None:
-        for adapter in self.protected:
-            self._project(adapter)
+        for pairs in self.protected.values():
+            for weight, directions in pairs:
+                project_off(weight, directions)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """The main adapter's tensors (not those of :meth:`add_separate_adapters`)."""

@@ -173,14 +173,11 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
             editor.params.save(folder)
             save_optimizer(optimizer, folder)
 
-    if anchors[0] is not None:  # under lora_projection_energy: blind to every minibatch's anchors
-        distinct = anchors[:1] if edit_config.locality_anchor_kind == "general" else anchors
-        editor.protect_from_anchors([joined([t for group in distinct for t in group])], [ADAPTER_NAME])
-    try:
+    distinct = anchors[:1] if edit_config.locality_anchor_kind == "general" else anchors
+    every = None if anchors[0] is None else [joined([t for group in distinct for t in group])]
+    with editor.anchors_protected(every, [ADAPTER_NAME]):  # under lora_projection_energy: every minibatch's anchors
         run_edit_loop(editor.model, editor.params, objective, edit_config, optimizer=optimizer, start_step=start,
                       on_step=on_step)
-    finally:
-        editor.protect_from_anchors(None, [ADAPTER_NAME])
 
 
 def _train_sequential(editor: ICELoRAEditor, requests: list, indices: list[int], output: Path,
