@@ -12,6 +12,7 @@ from icelora.errors import InvalidConfigError
 from icelora.input_projection import leading_directions, module_inputs, project_off
 from icelora.lora_utils import lora_layers
 from icelora.request import EditRequest
+from tests.conftest import TINY_BUILDERS
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome", subject="The Eiffel Tower",
                       contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower."))
@@ -45,6 +46,18 @@ def test_project_off_makes_the_rows_orthogonal_to_the_directions():
     project_off(weight, u)
     assert (weight @ u).abs().max() < 1e-5
     assert torch.allclose(weight, kept)
+
+
+def test_project_off_can_hold_the_coefficients_at_earlier_values():
+    torch.manual_seed(2)
+    u, _ = torch.linalg.qr(torch.randn(16, 3))
+    earlier = torch.randn(4, 16)
+    weight = earlier + torch.randn(4, 16)  # what changed since: the second term
+    change = weight - earlier
+    expected = earlier + change - change @ u @ u.T
+    project_off(weight, u, earlier @ u)
+    assert torch.allclose(weight @ u, earlier @ u, atol=1e-5)
+    assert torch.allclose(weight, expected, atol=1e-5)
 
 
 def test_module_inputs_ignore_padding(tiny):
@@ -87,6 +100,46 @@ def test_without_the_constraint_the_update_acts_on_those_directions(tiny):
     inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)
     editor.edit(REQUEST, progress=False)
     assert max(_update_on(editor, name, leading_directions(x, 0.9)) for name, x in inputs.items()) > 0.1
+
+
+SECOND = EditRequest(prompt="The Louvre is located in the city of", target="Berlin", subject="The Louvre",
+                     contexts=("The Louvre is in Berlin.",))
+
+
+def _a_weights(editor: ICELoRAEditor) -> dict[str, torch.Tensor]:
+    return {name: m.lora_A["default"].weight.detach().clone() for name, m in lora_layers(editor.model).items()}
+
+
+@pytest.mark.parametrize("scope", ["adapter", "edit"])
+def test_the_projection_scope_decides_whether_a_later_edit_may_erase_an_earlier_ones_part(tiny, scope, monkeypatch):
+    """Editing twice on one adapter: under scope ``adapter`` the second edit's projection clears the
+    whole of ``A`` along its anchors' leading directions (the first edit's part too); under
+    ``edit`` those coefficients stay where the first edit left them. The first edit (``B = 0``
+    before it) is the same under both."""
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9,
+                           lora_projection_scope=scope)
+    fresh = TINY_BUILDERS[tiny.name.removeprefix("tiny-")]()
+    reference = ICELoRAEditor(fresh, method="ice-lora", **SETTINGS, lora_projection_energy=0.9)
+    editor.edit(REQUEST, progress=False)
+    reference.edit(REQUEST, progress=False)
+    first = _a_weights(editor)
+    assert all(torch.equal(first[n], a) for n, a in _a_weights(reference).items())
+    used = []
+    protect = editor.params.protect
+    monkeypatch.setattr(editor.params, "protect", lambda d, *a, **k: (used.append(d), protect(d, *a, **k))[1])
+    editor.edit(SECOND, progress=False)
+    second = _a_weights(editor)
+    assert len(used) == 2 and used[1] is None
+    for name, u in used[0].items():
+        assert (second[name] - first[name]).abs().max() > 0, name  # the second edit trained A
+        held = first[name] @ u if scope == "edit" else torch.zeros_like(first[name] @ u)
+        assert (first[name] @ u).abs().max() > 1e-3, name  # something there to keep or erase
+        assert torch.allclose(second[name] @ u, held, atol=1e-5), name
+
+
+def test_config_rejects_an_unknown_projection_scope():
+    with pytest.raises(InvalidConfigError, match="lora_projection_scope"):
+        EditConfig(lora_projection_scope="layer")
 
 
 @pytest.mark.parametrize("changes, message", [

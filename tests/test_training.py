@@ -157,9 +157,9 @@ def test_batch_training_keeps_the_adapter_blind_to_every_minibatchs_anchors(setu
     calls = []
     protect = LoraParameterization.protect
 
-    def spy(self, directions, adapter="default"):
+    def spy(self, directions, adapter="default", **options):
         calls.append(directions)
-        return protect(self, directions, adapter)
+        return protect(self, directions, adapter, **options)
 
     monkeypatch.setattr(LoraParameterization, "protect", spy)
     tmp_path, folders, data = setup

@@ -15,6 +15,7 @@ from icelora.errors import InvalidConfigError
 OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
 PARAMETERIZATIONS = ("lora", "full")
 LOCALITY_ANCHOR_KINDS = ("general", "subject", "relation")
+LORA_PROJECTION_SCOPES = ("adapter", "edit")
 #: float16 is left out: its gradients need loss scaling, which the editing loop does not do.
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
@@ -41,8 +42,11 @@ class EditConfig:
         projection ``A`` orthogonal to the leading directions of the inputs its module receives on
         the edit's anchors before the edit (those holding this share of their energy), so the
         update cannot act on them (:mod:`icelora.input_projection`); ``None``: off. Each edit
-        call protects its own anchors, on the whole adapter (in sequential editing, earlier
-        edits' part of it included).
+        call protects its own anchors.
+    lora_projection_scope: what that projection applies to: ``adapter``, the whole of ``A`` (in
+        sequential editing, the part earlier edits put there included), or ``edit``, only what
+        the current edit call adds to it (earlier edits' part is kept; an adapter that has
+        learned nothing yet, ``B = 0``, is projected whole, so a first edit is the same under both).
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
@@ -79,6 +83,7 @@ class EditConfig:
     locality_anchors: int = 4
     locality_anchor_kind: str = "general"
     lora_projection_energy: float | None = None
+    lora_projection_scope: str = "adapter"
     autocast_dtype: str | None = None
     replay_edits: int = 0
     lambda_replay: float = 1.0
@@ -145,6 +150,9 @@ class EditConfig:
             if self.parameterization != "lora" or not self.lambda_locality:
                 raise InvalidConfigError("lora_projection_energy needs parameterization lora and lambda_locality > 0 "
                                          "(it protects the inputs of the locality anchors)")
+        if self.lora_projection_scope not in LORA_PROJECTION_SCOPES:
+            raise InvalidConfigError(f"lora_projection_scope must be one of {list(LORA_PROJECTION_SCOPES)}, "
+                                     f"got {self.lora_projection_scope!r}")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

@@ -281,7 +281,9 @@ class ICELoRAEditor:
         to the leading directions of its modules' inputs on ``teachers[k]``'s anchors (one set for
         all adapters when there is one), measured on the model as that adapter sees it (the main
         adapter: the model as it is; a separate one: routed to it, before its training, the
-        unedited model). Nothing happens without the setting (or without anchors)."""
+        unedited model). Under ``lora_projection_scope`` ``edit`` what an adapter has learned
+        before is kept and only the change made within the block is projected off. Nothing
+        happens without the setting (or without anchors)."""
         energy = self.config.lora_projection_energy
         if energy is None or not teachers or not isinstance(self.params, LoraParameterization):
             yield
@@ -291,7 +293,8 @@ class ICELoRAEditor:
             teacher = teachers[k] if len(teachers) > 1 else teachers[0]
             route = {} if adapter == ADAPTER_NAME else {"adapter_names": [adapter] * len(teacher.rows)}
             inputs = module_inputs(self.model, modules, teacher.rows, self.tokenizer.pad_token_id, **route)
-            self.params.protect({name: leading_directions(x, energy) for name, x in inputs.items()}, adapter)
+            self.params.protect({name: leading_directions(x, energy) for name, x in inputs.items()}, adapter,
+                                keep_learned=self.config.lora_projection_scope == "edit")
         try:
             yield
         finally:

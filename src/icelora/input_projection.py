@@ -10,7 +10,9 @@ where the locality term's KL is soft.
 All the anchors' inputs together span nearly the whole input space, so only their leading
 directions are removed: the fewest left singular vectors of ``K`` holding ``energy`` of its
 squared singular values (the uncentred second moment), which include the directions that every
-token's input shares. After each optimizer step, ``A <- A - (A U) U^T``.
+token's input shares. After each optimizer step, ``A <- A - (A U) U^T``; in sequential editing
+under ``lora_projection_scope`` ``edit``, ``A <- A - (A U - A_0 U) U^T`` with ``A_0`` the adapter
+before the edit, so earlier edits' part of ``A`` is kept and only the new edit's change is blind.
 """
 
 from __future__ import annotations
@@ -57,7 +59,12 @@ def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_off(weight: torch.Tensor, directions: torch.Tensor) -> None:
-    """In place: ``weight [r, in] <- weight - (weight U) U^T``, its rows made orthogonal to ``U``
-    (``directions`` [in, k], in the weight's dtype)."""
-    weight.sub_((weight @ directions) @ directions.T)
+def project_off(weight: torch.Tensor, directions: torch.Tensor, held: torch.Tensor | None = None) -> None:
+    """In place: ``weight [r, in] <- weight - (weight U - H) U^T``, so that ``weight U = H``
+    (``directions`` U [in, k] orthonormal, in the weight's dtype; ``held`` H [r, k], zero when
+    ``None``: the rows made orthogonal to ``U``). With ``H`` the value of ``weight U`` at some
+    earlier time, only what changed since then is projected off."""
+    coefficients = weight @ directions
+    if held is not None:
+        coefficients = coefficients - held
+    weight.sub_(coefficients @ directions.T)

@@ -77,32 +77,39 @@ class LoraParameterization(Parameterization):
         self.model = attach_lora(model, self.lora_config, config.seed)
         self.model.eval()
         self._take_snapshot()
-        #: adapter -> (its ``A`` weight, the orthonormal input directions it is kept orthogonal to) per module
-        self.protected: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: adapter -> per module: its ``A`` weight, the orthonormal input directions ``U`` whose
+        #: coefficients ``A U`` are held, and the values they are held at
+        self.protected: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def base_modules(self) -> dict[str, nn.Module]:
         """The adapted modules' original layers, by their name in the base model."""
         return {name: module.get_base_layer() for name, module in lora_layers(self.model).items()}
 
-    def protect(self, directions: dict[str, torch.Tensor] | None, adapter: str = ADAPTER_NAME) -> None:
-        """Keep ``adapter``'s input projections orthogonal to ``directions`` (module -> [in, k]) from
-        now on (projected at once and after every step); ``None`` lifts the constraint."""
+    def protect(self, directions: dict[str, torch.Tensor] | None, adapter: str = ADAPTER_NAME,
+                keep_learned: bool = False) -> None:
+        """From now on (at once and after every step), keep what ``adapter``'s input projections
+        ``A`` do on ``directions`` (module -> [in, k]) at zero, or, with ``keep_learned``, where it is
+        now in every module whose ``B`` is not zero (what earlier training put there), so that only
+        later changes are projected off. ``None`` lifts the constraint."""
         if directions is None:
             self.protected.pop(adapter, None)
             return
         modules = lora_layers(self.model)
-        pairs = []
+        held = []
         for name, u in directions.items():
             weight = modules[name].lora_A[adapter].weight
-            pairs.append((weight, u.to(weight.device, weight.dtype)))
-        self.protected[adapter] = pairs
-        for weight, u in pairs:  # this adapter only: projecting the others again would move their rounding
-            project_off(weight, u)
+            u = u.to(weight.device, weight.dtype)
+            now = weight.detach() @ u
+            learned = keep_learned and bool(modules[name].lora_B[adapter].weight.any())
+            held.append((weight, u, now if learned else torch.zeros_like(now)))
+        self.protected[adapter] = held
+        for weight, u, values in held:  # this adapter only: projecting the others again would move their rounding
+            project_off(weight, u, values)
 
     def after_step(self) -> None:
-        for pairs in self.protected.values():
-            for weight, directions in pairs:
-                project_off(weight, directions)
+        for held in self.protected.values():
+            for weight, directions, values in held:
+                project_off(weight, directions, values)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """The main adapter's tensors (not those of :meth:`add_separate_adapters`)."""
