@@ -126,7 +126,12 @@ def test_the_projection_scope_decides_whether_a_later_edit_may_erase_an_earlier_
     assert all(torch.equal(first[n], a) for n, a in _a_weights(reference).items())
     used = []
     protect = editor.params.protect
-    monkeypatch.setattr(editor.params, "protect", lambda d, *a, **k: (used.append(d), protect(d, *a, **k))[1])
+
+    def spy(directions, *args, **options):
+        used.append(directions)
+        return protect(directions, *args, **options)
+
+    monkeypatch.setattr(editor.params, "protect", spy)
     editor.edit(SECOND, progress=False)
     second = _a_weights(editor)
     assert len(used) == 2 and used[1] is None
@@ -146,6 +151,7 @@ def test_config_rejects_an_unknown_projection_scope():
     ({"lora_projection_energy": 1.0}, "in \\(0, 1\\)"),
     ({"lora_projection_energy": 0.9, "lambda_locality": 0.0}, "lambda_locality"),
     ({"lora_projection_energy": 0.9, "lambda_locality": 1.0, "parameterization": "full"}, "parameterization lora"),
+    ({"lora_projection_scope": "edit"}, "needs lora_projection_energy"),
 ])
 def test_config_rejects_a_projection_it_cannot_make(changes, message):
     with pytest.raises(InvalidConfigError, match=message):

@@ -46,7 +46,8 @@ class EditConfig:
     lora_projection_scope: what that projection applies to: ``adapter``, the whole of ``A`` (in
         sequential editing, the part earlier edits put there included), or ``edit``, only what
         the current edit call adds to it (earlier edits' part is kept; an adapter that has
-        learned nothing yet, ``B = 0``, is projected whole, so a first edit is the same under both).
+        learned nothing yet, ``B = 0``, is projected whole, so a first edit is the same under both);
+        ``edit`` needs ``lora_projection_energy``.
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
@@ -153,6 +154,9 @@ class EditConfig:
         if self.lora_projection_scope not in LORA_PROJECTION_SCOPES:
             raise InvalidConfigError(f"lora_projection_scope must be one of {list(LORA_PROJECTION_SCOPES)}, "
                                      f"got {self.lora_projection_scope!r}")
+        if self.lora_projection_scope != "adapter" and energy is None:
+            raise InvalidConfigError(f"lora_projection_scope {self.lora_projection_scope!r} needs "
+                                     "lora_projection_energy (there is no projection to scope without it)")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

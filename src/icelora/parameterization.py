@@ -78,8 +78,8 @@ class LoraParameterization(Parameterization):
         self.model.eval()
         self._take_snapshot()
         #: adapter -> per module: its ``A`` weight, the orthonormal input directions ``U`` whose
-        #: coefficients ``A U`` are held, and the values they are held at
-        self.protected: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        #: coefficients ``A U`` are held, and the values they are held at (``None``: zero)
+        self.protected: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
 
     def base_modules(self) -> dict[str, nn.Module]:
         """The adapted modules' original layers, by their name in the base model."""
@@ -99,9 +99,8 @@ class LoraParameterization(Parameterization):
         for name, u in directions.items():
             weight = modules[name].lora_A[adapter].weight
             u = u.to(weight.device, weight.dtype)
-            now = weight.detach() @ u
             learned = keep_learned and bool(modules[name].lora_B[adapter].weight.any())
-            held.append((weight, u, now if learned else torch.zeros_like(now)))
+            held.append((weight, u, weight.detach() @ u if learned else None))
         self.protected[adapter] = held
         for weight, u, values in held:  # this adapter only: projecting the others again would move their rounding
             project_off(weight, u, values)
