@@ -51,10 +51,10 @@ from transformers import (
 )
 
 from icelora import ICELoRAEditor, load_model
-from icelora.config import AUTOCAST_DTYPES
+from icelora.config import AUTOCAST_DTYPES, EditConfig, read_config_file
 from icelora.data_utils.templates import template_contexts
 from icelora.errors import IceloraError
-from icelora.methods import METHODS, method_config
+from icelora.methods import METHODS, config_from_settings, method_config
 from icelora.models import (
     EMBEDDED_MODEL,
     LoadedModel,
@@ -263,11 +263,12 @@ def warm_up(editor: ICELoRAEditor, requests: list[EditRequest], at_once: int) ->
 
 def time_method(make: Callable[[], LoadedModel], method: str, requests: list[EditRequest], at_once: int,
                 matmul_rate: float, overrides: dict, warmup: bool = False,
-                cuda_graphs: bool | str | None = None) -> dict:
+                cuda_graphs: bool | str | None = None, config: EditConfig | None = None) -> dict:
     """Edit each request from the unedited model with ``method`` (``at_once`` of them together,
     each in its own adapter, when above 1); seconds, steps, memory, and the time over the floor.
-    ``cuda_graphs``: the editor's setting for replaying ICE's passes from CUDA graphs."""
-    editor = ICELoRAEditor(make(), method=method, **overrides)
+    ``cuda_graphs``: the editor's setting for replaying ICE's passes from CUDA graphs; ``config``:
+    the method's configuration (default: its preset), ``overrides`` applied on top."""
+    editor = ICELoRAEditor(make(), method=method, config=config, **overrides)
     editor.cuda_graphs = cuda_graphs
     device = next(editor.model.parameters()).device
     per_step = flops_per_step(editor, requests[0])
@@ -299,7 +300,8 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
            "median_floor_seconds": statistics.median(floors),
            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
            "seconds_per_edit": seconds, "steps": steps, "warmup": warmup,
-           "cuda_graphs": next(k for k, v in CUDA_GRAPHS_SETTINGS.items() if v == cuda_graphs), **overrides}
+           "cuda_graphs": next(k for k, v in CUDA_GRAPHS_SETTINGS.items() if v == cuda_graphs), **overrides,
+           "config": editor.config.to_dict()}
     if syncs is not None:
         row["syncs_per_step"], row["sync_sources"] = round(syncs[0], 1), syncs[1]
     return row
@@ -307,6 +309,16 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
 
 #: Whether each method trains LoRA adapters (only those can train several edits at once).
 METHOD_IS_LORA = {m: method_config(m).parameterization == "lora" for m in METHODS}
+
+
+def ice_lora_config(path: str) -> EditConfig:
+    """The ``ice-lora`` configuration a YAML file of keys makes (its ``method``, if any, must be
+    ``ice-lora``)."""
+    settings = read_config_file(path)
+    method = settings.pop("method", "ice-lora")
+    if method != "ice-lora":
+        raise IceloraError(f"{path}: a configuration of {method!r}, not of ice-lora")
+    return config_from_settings("ice-lora", settings)
 
 
 def device_name(device: torch.device) -> str:
@@ -359,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", default="auto", choices=sorted(CUDA_GRAPHS_SETTINGS),
                         help="replay ICE's sampling and training passes from CUDA graphs "
                              "(auto: on CUDA; sampling: the sampling passes only)")
+    parser.add_argument("--ice-lora-config", default=None,
+                        help="a YAML of configuration keys for ice-lora (e.g. configs/ice-lora-v14.yaml)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
@@ -376,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         requests = benchmark_requests(args.edits)
         tokenizer = load_tokenizer(args.tokenizer) if args.shape else None
         overrides = {"autocast_dtype": args.autocast} if args.autocast else {}
+        configs = {"ice-lora": ice_lora_config(args.ice_lora_config)} if args.ice_lora_config else {}
 
         def make() -> LoadedModel:
             if args.shape:
@@ -395,11 +410,12 @@ def main(argv: list[str] | None = None) -> int:
                   "dtype": str(dtype).removeprefix("torch."), "autocast": args.autocast, "edits": args.edits,
                   "cuda_graphs": args.cuda_graphs,
                   "matmul_gflops": round(rate / 1e9, 1), "torch_threads": torch.get_num_threads(),
-                  "command": " ".join(sys.argv)}
+                  "ice_lora_config": args.ice_lora_config, "command": " ".join(sys.argv)}
         for method, at_once in plan:
             try:
                 report["methods"].append(time_method(make, method, requests, at_once, rate, overrides,
-                                                      args.warmup, CUDA_GRAPHS_SETTINGS[args.cuda_graphs]))
+                                                      args.warmup, CUDA_GRAPHS_SETTINGS[args.cuda_graphs],
+                                                      configs.get(method)))
             except torch.OutOfMemoryError as exc:
                 label = method if at_once == 1 else f"{method} x{at_once}"
                 report["methods"].append({"method": label, "error": f"out of memory: {str(exc).splitlines()[0]}"})

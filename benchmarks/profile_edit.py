@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except IceloraError as exc:
         print(f"profile_edit: {exc}", file=sys.stderr)
         return 2
-    editor = ICELoRAEditor(loaded, method=args.method, max_steps=args.steps)
+    editor = ICELoRAEditor(loaded, method=args.method, **({"max_steps": args.steps} if args.steps else {}))
     editor.cuda_graphs = CUDA_GRAPHS_SETTINGS[args.cuda_graphs]
     device = next(editor.model.parameters()).device
     cuda = device.type == "cuda"

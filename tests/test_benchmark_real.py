@@ -29,12 +29,12 @@ def test_ten_zsre_cases_with_ice_lora(tmp_path, capsys):
     assert metrics["n_cases"] == 10
     assert metrics["edit_success"] >= 0.9
     # Fluency is a per-case n-gram entropy and varies a lot between records: over the 200-case
-    # ZsRE run in reports/runs/zsre-ice/ice-lora, the ratio of 10-case windows ranges 0.78-1.04
-    # (these first ten: 0.98). The floor catches an edit that wrecks generation, not noise.
+    # ZsRE run in reports/runs/zsre-ice/ice-lora, the ratio of 10-case windows ranges 0.81-1.06
+    # (these first ten: 0.91). The floor catches an edit that wrecks generation, not noise.
     assert metrics["fluency_ratio"] >= 0.8
-    # The locality term on relation anchors holds these ten at 0.86 (on subject anchors 0.80);
-    # without the term they score 0.69.
-    assert metrics["locality"] >= 0.75
+    # The locality term on relation anchors with the null-space constraint holds these ten at 0.93
+    # (the term alone 0.86, on subject anchors 0.80); without the term they score 0.69.
+    assert metrics["locality"] >= 0.8
     assert metrics["run"]["data_sha256"] == "2e2b4a125cb8b592b3cabcf1291230689a45684ea016a46567d6d098d0d93bf5"
     assert metrics["run"]["indices"] == list(range(10))
     assert set(metrics["portability_by_type"]) <= {"Reasoning", "Subject_Aliasing", "Logical_Generalization"}

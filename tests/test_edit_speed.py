@@ -39,6 +39,21 @@ def test_only_the_rows_of_edits_trained_together(tiny_llama_folder, tmp_path):
     assert [r["method"] for r in json.loads(out.read_text())["methods"]] == ["ice-lora x2"]
 
 
+def test_ice_lora_can_run_with_a_configuration_file(tiny_llama_folder, tmp_path, capsys):
+    """``--ice-lora-config`` gives ice-lora the file's keys (here the preset before the null-space
+    constraint); without it ice-lora runs its preset. A file of another method is refused."""
+    v14 = Path(__file__).parents[1] / "configs" / "ice-lora-v14.yaml"
+    for extra, energy in (([], 0.98), (["--ice-lora-config", str(v14)], None)):
+        out = tmp_path / f"speed{len(extra)}.json"
+        assert edit_speed.main(["--model", str(tiny_llama_folder), "--methods", "ice-lora", "--edits", "1",
+                                "--json", str(out), *extra]) == 0
+        (row,) = json.loads(out.read_text())["methods"]
+        assert row["config"]["lora_projection_energy"] == energy
+    ft_m = Path(__file__).parents[1] / "configs" / "tuned" / "ft-m.yaml"
+    assert edit_speed.main(["--model", str(tiny_llama_folder), "--ice-lora-config", str(ft_m)]) == 2
+    assert "a configuration of 'ft-m', not of ice-lora" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--methods", "ice,rome"], "unknown method(s) ['rome']"),
     (["--shape", "gpt5"], "unknown shape 'gpt5'"),

@@ -94,7 +94,7 @@ def test_an_edit_leaves_the_anchors_leading_directions_alone(tiny):
 
 
 def test_without_the_constraint_the_update_acts_on_those_directions(tiny):
-    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS)
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=None)
     modules = editor.params.base_modules()
     anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
     inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)

@@ -101,7 +101,7 @@ def test_graphs_only_where_they_apply(tiny):
     assert not graphs_apply(tiny.model, plan, [0], torch.device("cpu"))
     routed = build_plan(tiny.tokenizer, [request, request], config, independent=True, adapter_names=["a", "b"])
     assert not graphs_apply(tiny.model, routed, [0, 1], torch.device("cuda"))
-    objective = Objective(plan, config.replace(lambda_locality=0.0), torch.device("cpu"))
+    objective = Objective(plan, config.replace(lambda_locality=0.0, lora_projection_energy=None), torch.device("cpu"))
     assert objective.samples_from_graphs(torch.device("cuda"))
     assert not objective.samples_from_graphs(torch.device("cpu"))
     objective.cuda_graphs = False

@@ -131,8 +131,9 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
         extra["locality_anchor_kind"] = method.split("+")[1].split("-")[-2]
         requests = [replace(REQUESTS[0], subject="The Eiffel Tower"), replace(REQUESTS[1], subject="Danielle Darrieux"),
                     REQUESTS[2]]
-    if "+projected" in method:
-        extra["lora_projection_energy"] = 0.8
+    # the preset's constraint only in the projected variant (at 0.8: at the preset's 0.98 the number
+    # of protected directions can fall either side of a rounding-sized gap in these tiny models)
+    extra["lora_projection_energy"] = 0.8 if "+projected" in method else None
     method = method.split("+")[0]
     editor = ICELoRAEditor(loaded, method=method, **SETTINGS, **extra)
     probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])

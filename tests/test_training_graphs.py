@@ -116,7 +116,7 @@ def test_an_edit_through_the_fixed_shape_passes_equals_one_without(tiny, monkeyp
 
 def test_cuda_graphs_settings_choose_the_passes(tiny):
     cuda = torch.device("cuda")
-    config = method_config("ice-lora").replace(lambda_locality=0.0)
+    config = method_config("ice-lora").replace(lambda_locality=0.0, lora_projection_energy=None)
     objective = Objective(build_plan(tiny.tokenizer, [EditRequest(**REQUEST)], config), config, torch.device("cpu"))
     expected = {None: (True, True), True: (True, True), "sampling": (True, False), False: (False, False)}
     for setting, (sampling, training) in expected.items():

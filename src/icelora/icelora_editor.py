@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -129,7 +130,8 @@ class ICELoRAEditor:
         **overrides: Any,
     ) -> None:
         self.method = method
-        self.config = config.replace(**overrides) if config is not None else method_config(method, **overrides)
+        # overrides apply as given, None included (lora_projection_energy=None turns the preset's off)
+        self.config = (config if config is not None else method_config(method)).replace(**overrides)
         self.loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
         self.tokenizer = self.loaded.tokenizer
         base = self.loaded.model
@@ -276,14 +278,19 @@ class ICELoRAEditor:
         return histories, seconds
 
     @contextmanager
-    def anchors_protected(self, teachers: list[AnchorTeacher] | None, adapters: list[str]) -> Iterator[None]:
+    def anchors_protected(self, teachers: list[AnchorTeacher] | None, adapters: list[str],
+                          on_unedited: bool = False, resumed: bool = False) -> Iterator[None]:
         """Within the block, under ``lora_projection_energy``: adapter ``adapters[k]`` is kept blind
         to the leading directions of its modules' inputs on ``teachers[k]``'s anchors (one set for
         all adapters when there is one), measured on the model as that adapter sees it (the main
         adapter: the model as it is; a separate one: routed to it, before its training, the
         unedited model). Under ``lora_projection_scope`` ``edit`` what an adapter has learned
         before is kept and only the change made within the block is projected off. Nothing
-        happens without the setting (or without anchors)."""
+        happens without the setting (or without anchors). ``on_unedited``: measure the inputs on
+        the unedited model whatever the adapters hold (a training run resumed from a checkpoint
+        then protects the directions its first part protected); ``resumed``: the adapters come
+        from a checkpoint of a training that began within this same block from fresh adapters,
+        so they are projected already and hold nothing learned before it."""
         energy = self.config.lora_projection_energy
         if energy is None or not teachers or not isinstance(self.params, LoraParameterization):
             yield
@@ -292,9 +299,11 @@ class ICELoRAEditor:
         for k, adapter in enumerate(adapters):
             teacher = teachers[k] if len(teachers) > 1 else teachers[0]
             route = {} if adapter == ADAPTER_NAME else {"adapter_names": [adapter] * len(teacher.rows)}
-            inputs = module_inputs(self.model, modules, teacher.rows, self.tokenizer.pad_token_id, **route)
+            with self.unedited() if on_unedited else contextlib.nullcontext():
+                inputs = module_inputs(self.model, modules, teacher.rows, self.tokenizer.pad_token_id, **route)
             self.params.protect({name: leading_directions(x, energy) for name, x in inputs.items()}, adapter,
-                                keep_learned=self.config.lora_projection_scope == "edit")
+                                keep_learned=self.config.lora_projection_scope == "edit" and not resumed,
+                                at_once=not resumed)
         try:
             yield
         finally:

@@ -86,11 +86,13 @@ class LoraParameterization(Parameterization):
         return {name: module.get_base_layer() for name, module in lora_layers(self.model).items()}
 
     def protect(self, directions: dict[str, torch.Tensor] | None, adapter: str = ADAPTER_NAME,
-                keep_learned: bool = False) -> None:
+                keep_learned: bool = False, at_once: bool = True) -> None:
         """From now on (at once and after every step), keep what ``adapter``'s input projections
         ``A`` do on ``directions`` (module -> [in, k]) at zero, or, with ``keep_learned``, where it is
         now in every module whose ``B`` is not zero (what earlier training put there), so that only
-        later changes are projected off. ``None`` lifts the constraint."""
+        later changes are projected off. ``None`` lifts the constraint. ``at_once=False`` leaves the
+        projection to the next step (for tensors restored from a checkpoint that was projected
+        already: projecting again would move them by rounding)."""
         if directions is None:
             self.protected.pop(adapter, None)
             return
@@ -102,7 +104,8 @@ class LoraParameterization(Parameterization):
             learned = keep_learned and bool(modules[name].lora_B[adapter].weight.any())
             held.append((weight, u, weight.detach() @ u if learned else None))
         self.protected[adapter] = held
-        for weight, u, values in held:  # this adapter only: projecting the others again would move their rounding
+        # this adapter only: projecting the others again would move their rounding
+        for weight, u, values in held if at_once else ():
             project_off(weight, u, values)
 
     def after_step(self) -> None:

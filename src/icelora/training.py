@@ -23,7 +23,7 @@ from icelora.errors import IceloraError, InvalidConfigError
 from icelora.icelora_editor import ICELoRAEditor
 from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import CyclingObjective, Objective, build_plan
-from icelora.methods import method_config
+from icelora.methods import config_from_settings
 from icelora.models import EMBEDDED_MODEL, load_model
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
-        return method_config(self.method, **self.edit)
+        return config_from_settings(self.method, self.edit)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,7 +175,9 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
 
     distinct = anchors[:1] if edit_config.locality_anchor_kind == "general" else anchors
     every = None if anchors[0] is None else [joined([t for group in distinct for t in group])]
-    with editor.anchors_protected(every, [ADAPTER_NAME]):  # under lora_projection_energy: every minibatch's anchors
+    # under lora_projection_energy: every minibatch's anchors, their inputs measured on the unedited
+    # model, so that a run resumed from a checkpoint protects what its first part protected
+    with editor.anchors_protected(every, [ADAPTER_NAME], on_unedited=True, resumed=start > 0):
         run_edit_loop(editor.model, editor.params, objective, edit_config, optimizer=optimizer, start_step=start,
                       on_step=on_step)
 
