@@ -54,7 +54,7 @@ from icelora import ICELoRAEditor, load_model
 from icelora.config import AUTOCAST_DTYPES, EditConfig, read_config_file
 from icelora.data_utils.templates import template_contexts
 from icelora.errors import IceloraError
-from icelora.methods import METHODS, config_from_settings, method_config
+from icelora.methods import METHODS, method_config
 from icelora.models import (
     EMBEDDED_MODEL,
     LoadedModel,
@@ -318,7 +318,7 @@ def ice_lora_config(path: str) -> EditConfig:
     method = settings.pop("method", "ice-lora")
     if method != "ice-lora":
         raise IceloraError(f"{path}: a configuration of {method!r}, not of ice-lora")
-    return config_from_settings("ice-lora", settings)
+    return method_config("ice-lora", **settings)
 
 
 def device_name(device: torch.device) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from icelora.config import EditConfig
 from icelora.errors import InvalidConfigError
-from icelora.methods import METHODS, config_from_settings, method_config
+from icelora.methods import METHODS, method_config
 
 
 def test_every_method_is_a_valid_preset():
@@ -76,7 +76,7 @@ def test_a_config_file_can_turn_off_a_preset_setting_with_null(tmp_path):
     from icelora.cli import build_parser, resolve_config
 
     assert method_config("ice-lora").lora_projection_energy == 0.98
-    assert config_from_settings("ice-lora", {"lora_projection_energy": None}).lora_projection_energy is None
+    assert method_config("ice-lora", lora_projection_energy=None).lora_projection_energy is None
     file = tmp_path / "v14.yaml"
     file.write_text("method: ice-lora\nlora_projection_energy: null\n")
     args = build_parser().parse_args(["eval", "--config", str(file), "--dataset", "zsre-ice", "--output", "x"])
@@ -117,7 +117,7 @@ def test_side_run_config_files_reproduce_their_runs(config_file, runs):
     from icelora.config import read_config_file
 
     settings = read_config_file(config_file)
-    config = config_from_settings(settings.pop("method"), settings).to_dict()
+    config = method_config(settings.pop("method"), **settings).to_dict()
     assert runs, f"{config_file}: no run folder named after it in reports/runs"
     for run in runs:
         recorded = json.loads(run.read_text())

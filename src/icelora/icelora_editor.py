@@ -130,8 +130,7 @@ class ICELoRAEditor:
         **overrides: Any,
     ) -> None:
         self.method = method
-        # overrides apply as given, None included (lora_projection_energy=None turns the preset's off)
-        self.config = (config if config is not None else method_config(method)).replace(**overrides)
+        self.config = config.replace(**overrides) if config is not None else method_config(method, **overrides)
         self.loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
         self.tokenizer = self.loaded.tokenizer
         base = self.loaded.model

@@ -38,15 +38,8 @@ METHODS = tuple(METHOD_PRESETS)
 
 
 def method_config(method: str, **overrides: Any) -> EditConfig:
-    """The preset of ``method`` with ``overrides`` applied (``None`` values are ignored)."""
+    """The preset of ``method`` with ``overrides`` applied as given, ``None`` included
+    (``lora_projection_energy=None``, or ``null`` in a configuration file, turns the preset's off)."""
     if method not in METHOD_PRESETS:
         raise InvalidConfigError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    settings = {**METHOD_PRESETS[method], **{k: v for k, v in overrides.items() if v is not None}}
-    return EditConfig.from_dict(settings, source=f"method {method!r}")
-
-
-def config_from_settings(method: str, settings: dict[str, Any]) -> EditConfig:
-    """The preset of ``method`` with a configuration file's ``settings`` applied, ``null`` values
-    included: ``lora_projection_energy: null`` turns the preset's projection off, where
-    :func:`method_config` would ignore it."""
-    return method_config(method).replace(**settings)
+    return EditConfig.from_dict({**METHOD_PRESETS[method], **overrides}, source=f"method {method!r}")

@@ -23,7 +23,7 @@ from icelora.errors import IceloraError, InvalidConfigError
 from icelora.icelora_editor import ICELoRAEditor
 from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import CyclingObjective, Objective, build_plan
-from icelora.methods import config_from_settings
+from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, load_model
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
-        return config_from_settings(self.method, self.edit)
+        return method_config(self.method, **self.edit)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,7 +31,7 @@ from typing import Any
 
 from icelora.config import read_config_file, read_yaml_mapping
 from icelora.errors import InvalidConfigError
-from icelora.methods import METHODS, config_from_settings
+from icelora.methods import METHODS, method_config
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def read_compare_config(path: str | Path) -> CompareConfig:
         file_method = settings.pop("method", method)
         _require(file_method == method, path, f"method_configs.{method}",
                  f"{config_path} is a configuration of {file_method!r}")
-        config_from_settings(method, settings)  # validate now, not hours into the study
+        method_config(method, **settings)  # validate now, not hours into the study
         method_configs[method] = settings
     if "targets" in data:
         from icelora.evaluation.targets import read_targets
@@ -138,8 +138,8 @@ def plan_jobs(config: CompareConfig, output: Path) -> list[CompareJob]:
             for method in section["methods"]:
                 name = dataset_name(dataset)
                 prefix = name if protocol == "single" else f"sequential-{name}"
-                lora_like = method == "none" or config_from_settings(
-                    method, config.method_configs.get(method, {})).parameterization == "lora"
+                lora_like = method == "none" or method_config(
+                    method, **config.method_configs.get(method, {})).parameterization == "lora"
                 jobs.append(CompareJob(
                     protocol=protocol, dataset=dataset, indices=indices, method=method,
                     folder=output / prefix / method,
@@ -160,7 +160,7 @@ def run_job(job: CompareJob, config: CompareConfig, command: str | None = None) 
     loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     settings = {**config.method_configs.get(job.method, {}), "seed": config.seed}
     editor = ICELoRAEditor(loaded, method="ice-lora" if job.method == "none" else job.method,
-                           config=config_from_settings("ice-lora" if job.method == "none" else job.method, settings))
+                           config=method_config("ice-lora" if job.method == "none" else job.method, **settings))
     if job.protocol == "sequential":
         return run_sequential(editor, dataset, job.folder, config.seed, True, job.eval_every, command=command)
     return run_single(editor, job.method, dataset, job.folder, config.seed, True, job.edits_at_once, command=command)
