@@ -106,19 +106,23 @@ def _side_run_configs():
         name = f"{file.stem}-tuned" if file.parent.name == "tuned" else file.stem
         runs = sorted((root / "reports" / "runs").glob(f"*/{name}/run.json"))
         yield pytest.param(file, runs, id=name)
+    for file in sorted((root / "configs" / "validation").glob("*.yaml")):
+        runs = sorted((root / "reports" / "validation").glob(f"*/{file.stem}/run.json"))
+        yield pytest.param(file, runs, id=f"validation-{file.stem}")
 
 
 @pytest.mark.parametrize(("config_file", "runs"), list(_side_run_configs()))
 def test_side_run_config_files_reproduce_their_runs(config_file, runs):
     """Each configs/ice-lora-*.yaml and configs/tuned/*.yaml gives the configuration its reported
-    runs (reports/runs/*/<name>/) were made with, so the command in its comment reproduces them."""
+    runs (reports/runs/*/<name>/) were made with, and each configs/validation/*.yaml that of its
+    validation runs (reports/validation/*/<name>/), so the command in its comment reproduces them."""
     import json
 
     from icelora.config import read_config_file
 
     settings = read_config_file(config_file)
     config = method_config(settings.pop("method"), **settings).to_dict()
-    assert runs, f"{config_file}: no run folder named after it in reports/runs"
+    assert runs, f"{config_file}: no run folder named after it under reports/"
     for run in runs:
         recorded = json.loads(run.read_text())
         sequential = recorded["protocol"] == "sequential"
