@@ -93,7 +93,10 @@ def test_autocast_dtype_is_checked():
 
 
 # A key a run folder's run.json lacks did not exist when the run was made: its feature was off.
-_OFF_WHEN_ABSENT = {"lambda_locality": 0.0, "replay_edits": 0, "replay_anchors": 0}
+_OFF_WHEN_ABSENT = {"lambda_locality": 0.0, "replay_edits": 0, "replay_anchors": 0,
+                    "lora_projection_gradients": False, "early_stop_target_loss": None}
+# Trajectory runs (benchmarks/stopping_trajectories.py) edit with early stopping off, whatever the file says.
+_OFF_IN_TRAJECTORIES = {"early_stopping"}
 _SEQUENTIAL_ONLY = {"replay_edits", "lambda_replay", "replay_anchors"}
 
 
@@ -128,6 +131,9 @@ def test_side_run_config_files_reproduce_their_runs(config_file, runs):
         sequential = recorded["protocol"] == "sequential"
         for key, value in config.items():
             if key in _SEQUENTIAL_ONLY and not sequential:
+                continue
+            if key in _OFF_IN_TRAJECTORIES and recorded["protocol"] == "trajectory":
+                assert recorded["config"][key] is False
                 continue
             expected = recorded["config"].get(key, _OFF_WHEN_ABSENT.get(key, value))
             if key in recorded["config"] or key in _OFF_WHEN_ABSENT:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from icelora import EditConfig, ICELoRAEditor
 from icelora.editing_loop import StepRecord, should_stop
-from icelora.errors import AdapterFolderError, InvalidRequestError
+from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from tests.conftest import TINY_BUILDERS
 
 REQUEST = {"prompt": "The Eiffel Tower is located in the city of", "target": "Rome",
@@ -180,6 +180,21 @@ def test_early_stopping_rule():
     assert should_stop(_history((3.0, False), (1.2, True)), at_once)  # learned: stop, however it moves
     assert not should_stop(_history((0.6, True), (0.5, False)), at_once)
     assert not should_stop([], at_once)
+
+
+def test_early_stopping_with_a_bound_on_the_target_loss():
+    config = EditConfig(early_stopping=True, early_stop_patience=2, early_stop_tolerance=0.05,
+                        early_stop_target_loss=0.1)
+    assert not should_stop(_history((0.6, True), (0.58, True), (0.55, True)), config)  # flat, learned, too high
+    assert should_stop(_history((0.12, True), (0.09, True), (0.08, True)), config)  # flat, and the window all low
+    assert not should_stop(_history((0.1, True), (0.13, True), (0.09, True)), config)  # flat, one step too high
+    at_once = config.replace(early_stop_patience=0)
+    assert not should_stop(_history((3.0, False), (1.2, True)), at_once)
+    assert should_stop(_history((3.0, False), (0.05, True)), at_once)
+    assert not should_stop(_history((0.05, False)), at_once)  # low on average, a token still wrong
+    for bad in (0, -0.1, True, "0.1"):
+        with pytest.raises(InvalidConfigError, match="early_stop_target_loss"):
+            config.replace(early_stop_target_loss=bad)
 
 
 def test_early_stopping_ends_the_loop(tiny):

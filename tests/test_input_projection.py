@@ -142,6 +142,35 @@ def test_the_projection_scope_decides_whether_a_later_edit_may_erase_an_earlier_
         assert torch.allclose(second[name] @ u, held, atol=1e-5), name
 
 
+@pytest.mark.parametrize("gradients", [False, True])
+def test_projected_gradients_reach_the_optimizer_without_the_protected_part(tiny, gradients, monkeypatch):
+    """Under ``lora_projection_gradients`` the optimizer sees gradients of ``A`` with nothing on
+    the protected directions; without it they carry a part there, which only the projection after
+    the step removes. Either way the edit ends blind to those directions."""
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9,
+                           lora_projection_gradients=gradients)
+    seen: list[float] = []
+    before_step = editor.params.before_step
+
+    def spy():
+        before_step()
+        seen.extend(float((w.grad @ u).abs().max()) for held in editor.params.protected.values()
+                    for w, u, _ in held)
+
+    monkeypatch.setattr(editor.params, "before_step", spy)
+    modules = editor.params.base_modules()
+    anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
+    inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)
+    editor.edit(REQUEST, progress=False)
+    assert len(seen) == SETTINGS["max_steps"] * len(inputs)
+    if gradients:
+        assert max(seen) < 1e-6
+    else:
+        assert max(seen) > 1e-3
+    for name, x in inputs.items():
+        assert _update_on(editor, name, leading_directions(x, 0.9)) < 1e-5, name
+
+
 def test_config_rejects_an_unknown_projection_scope():
     with pytest.raises(InvalidConfigError, match="lora_projection_scope"):
         EditConfig(lora_projection_scope="layer")
@@ -152,6 +181,8 @@ def test_config_rejects_an_unknown_projection_scope():
     ({"lora_projection_energy": 0.9, "lambda_locality": 0.0}, "lambda_locality"),
     ({"lora_projection_energy": 0.9, "lambda_locality": 1.0, "parameterization": "full"}, "parameterization lora"),
     ({"lora_projection_scope": "edit"}, "needs lora_projection_energy"),
+    ({"lora_projection_gradients": True}, "needs lora_projection_energy"),
+    ({"lora_projection_gradients": "yes"}, "true or false"),
 ])
 def test_config_rejects_a_projection_it_cannot_make(changes, message):
     with pytest.raises(InvalidConfigError, match=message):

@@ -86,6 +86,9 @@ def test_loop_drops_a_stopped_edit_and_leaves_its_tensors_alone():
         def training(self, on):
             pass
 
+        def before_step(self):
+            pass
+
         def after_step(self):
             pass
 

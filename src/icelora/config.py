@@ -48,6 +48,10 @@ class EditConfig:
         the current edit call adds to it (earlier edits' part is kept; an adapter that has
         learned nothing yet, ``B = 0``, is projected whole, so a first edit is the same under both);
         ``edit`` needs ``lora_projection_energy``.
+    lora_projection_gradients: with ``lora_projection_energy``, also project each step's gradient
+        of ``A`` off the protected directions before the optimizer step, so Adam's moments hold
+        only what the adapter may learn (the update is still projected after the step: Adam's
+        per-element scaling can turn a projected gradient back into the protected directions).
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
@@ -60,7 +64,9 @@ class EditConfig:
         ``lambda_locality``), so earlier subjects keep what the model said about them; 0: none.
     early_stopping: stop once the target is predicted (greedy, teacher-forced, no context) and its
         cross-entropy moved by at most ``early_stop_tolerance`` nats per step, for
-        ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned).
+        ``early_stop_patience`` consecutive steps (0: stop at the first step it is learned), its
+        cross-entropy also at most ``early_stop_target_loss`` nats per token in those steps where
+        that is set (``None``: no bound).
     """
 
     objective: str = "ice"
@@ -85,6 +91,7 @@ class EditConfig:
     locality_anchor_kind: str = "general"
     lora_projection_energy: float | None = None
     lora_projection_scope: str = "adapter"
+    lora_projection_gradients: bool = False
     autocast_dtype: str | None = None
     replay_edits: int = 0
     lambda_replay: float = 1.0
@@ -92,6 +99,7 @@ class EditConfig:
     early_stopping: bool = False
     early_stop_patience: int = 2
     early_stop_tolerance: float = 0.05
+    early_stop_target_loss: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +165,15 @@ class EditConfig:
         if self.lora_projection_scope != "adapter" and energy is None:
             raise InvalidConfigError(f"lora_projection_scope {self.lora_projection_scope!r} needs "
                                      "lora_projection_energy (there is no projection to scope without it)")
+        bound = self.early_stop_target_loss
+        if bound is not None and (not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound > 0):
+            raise InvalidConfigError(f"early_stop_target_loss must be a positive number or null, got {bound!r}")
+        if not isinstance(self.lora_projection_gradients, bool):
+            raise InvalidConfigError(f"lora_projection_gradients must be true or false, "
+                                     f"got {self.lora_projection_gradients!r}")
+        if self.lora_projection_gradients and energy is None:
+            raise InvalidConfigError("lora_projection_gradients needs lora_projection_energy (there are no "
+                                     "protected directions to project the gradients off without it)")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

@@ -35,21 +35,24 @@ class StepRecord:
 
 
 def should_stop(history: list[StepRecord], config: EditConfig) -> bool:
-    """Early stop once the target is learned and its loss is flat.
+    """Early stop once the target is learned, its loss is flat and, where set, low enough.
 
     Learned: the greedy, teacher-forced, context-free prediction of every target token is right in
     each of the last ``early_stop_patience`` steps. Flat: over those steps the target cross-entropy
-    (``ft``, nats per token) moved by at most ``early_stop_tolerance`` from step to step. The ICE
-    term is left out of the test: it is a sampled estimate and never settles. Patience 0 stops at
-    the first step whose target is learned, with no flatness test.
+    (``ft``, nats per token) moved by at most ``early_stop_tolerance`` from step to step. Low
+    enough (``early_stop_target_loss`` set): ``ft`` is at most that in each of those steps; a target
+    just past the argmax is not yet learned firmly enough to hold under a rephrased prompt. The
+    ICE term is left out of the test: it is a sampled estimate and never settles. Patience 0
+    looks at the last step alone, with no flatness test.
     """
     k = config.early_stop_patience
+    bound = config.early_stop_target_loss
     if k == 0:
-        return bool(history) and history[-1].target_learned
+        return bool(history) and history[-1].target_learned and (bound is None or history[-1].ft <= bound)
     if len(history) < k + 1:
         return False
     recent = history[-(k + 1):]
-    if not all(r.target_learned for r in recent[1:]):
+    if not all(r.target_learned and (bound is None or r.ft <= bound) for r in recent[1:]):
         return False
     return all(abs(b.ft - a.ft) <= config.early_stop_tolerance for a, b in itertools.pairwise(recent))
 
@@ -86,6 +89,7 @@ def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callabl
                 parts = objective(model, step)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
+            params.before_step()
             optimizer.step()
             params.after_step()
             # the step's numbers are read only now, after its update is queued on the device
@@ -126,6 +130,7 @@ def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensor
                 parts = objective(model, step, active)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
+            params.before_step()
             optimizer.step()
             params.after_step()
             for k, part in zip(active, parts.per_request):

@@ -166,12 +166,18 @@ class ICELoRAEditor:
         """
         check_encodable(self.tokenizer, request.target, "target")
 
-    def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True) -> EditResult:
-        """Write one request, or a list of them into one update, into the model."""
+    def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True,
+             on_step: Callable[[StepRecord], None] | None = None) -> EditResult:
+        """Write one request, or a list of them into one update, into the model.
+
+        ``on_step`` is called after every step with its :class:`StepRecord`, the step's update
+        already in the model (to log or probe the edit as it goes; under ``lora_projection_energy``
+        the adapters are projected already). Whatever it does must leave the trainable tensors
+        as they are."""
         batch = _as_requests(requests)
         for request in batch:
             self.check_request(request)
-        history, seconds = self._train(batch, progress)
+        history, seconds = self._train(batch, progress, on_step=on_step)
         self.ledger.extend(batch)
         trainable, total = self.parameter_counts()
         log.info("edited %d request(s) with %s in %d steps, %.2f s", len(batch), self.method, len(history), seconds)
@@ -179,8 +185,8 @@ class ICELoRAEditor:
                           trainable_params=trainable, total_params=total,
                           stopped_early=len(history) < self.config.max_steps, history=history)
 
-    def _train(self, batch: list[EditRequest], progress: bool, replay: bool = True
-               ) -> tuple[list[StepRecord], float]:
+    def _train(self, batch: list[EditRequest], progress: bool, replay: bool = True,
+               on_step: Callable[[StepRecord], None] | None = None) -> tuple[list[StepRecord], float]:
         """Run the editing loop on the live parameters; (step history, seconds). ``replay``: rehearse
         the ledger's earlier edits (when ``replay_edits > 0``). The time counts everything the edit
         does, its anchors included."""
@@ -196,7 +202,8 @@ class ICELoRAEditor:
             objective = ReplayObjective(objective, replayed, self.config, self.replay_anchors(replayed))
         torch.manual_seed(self.config.seed)
         with self.anchors_protected(teachers, [ADAPTER_NAME]):
-            history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress)
+            history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress,
+                                    on_step=on_step)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
         return history, time.perf_counter() - start

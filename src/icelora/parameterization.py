@@ -43,6 +43,9 @@ class Parameterization(ABC):
     def _take_snapshot(self) -> None:
         self.snapshot = {n: p.detach().clone() for n, p in self.named_trainable().items()}
 
+    def before_step(self) -> None:
+        """Called after every backward pass, before the optimizer step (LoRA: gradient projection)."""
+
     def after_step(self) -> None:
         """Called after every optimizer step (the full-matrix clamp)."""
 
@@ -80,6 +83,8 @@ class LoraParameterization(Parameterization):
         #: adapter -> per module: its ``A`` weight, the orthonormal input directions ``U`` whose
         #: coefficients ``A U`` are held, and the values they are held at (``None``: zero)
         self.protected: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+        #: also project the protected ``A``'s gradients before each optimizer step
+        self.project_gradients = config.lora_projection_gradients
 
     def base_modules(self) -> dict[str, nn.Module]:
         """The adapted modules' original layers, by their name in the base model."""
@@ -107,6 +112,18 @@ class LoraParameterization(Parameterization):
         # this adapter only: projecting the others again would move their rounding
         for weight, u, values in held if at_once else ():
             project_off(weight, u, values)
+
+    def before_step(self) -> None:
+        """Under ``lora_projection_gradients``: each protected ``A``'s gradient is projected off its
+        directions, so the optimizer's moments (Adam's second moment above all, which scales every
+        element's step) are made of what the adapter may learn, not of what the projection after
+        the step takes away again."""
+        if not self.project_gradients:
+            return
+        for held in self.protected.values():
+            for weight, directions, _ in held:
+                if weight.grad is not None:
+                    project_off(weight.grad, directions)
 
     def after_step(self) -> None:
         for held in self.protected.values():

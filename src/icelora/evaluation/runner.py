@@ -148,14 +148,14 @@ def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
-def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], baselines: list[Baseline],
-                        seed: int, adapters: list[str] | None = None) -> list[dict[str, Any]]:
-    """All per-case metrics of several records at once, each against its unedited baseline.
-
-    ``adapters[k]`` names the adapter holding record k's edit (:meth:`ICELoRAEditor.edit_each`);
-    without it every record is measured on the model as it is now. Every forward pass is batched
-    over the records.
-    """
+def teacher_forced_scores(editor: ICELoRAEditor, records: list[BenchmarkRecord],
+                          unedited_locality: list[list[AnswerPrediction]],
+                          adapters: list[str] | None = None) -> list[dict[str, Any]]:
+    """The teacher-forced metrics of several records on the model as it is now: ``edit_success``,
+    ``rephrase``, ``portability`` and ``locality`` (each with its by-type means where it has
+    types), in one batched prediction over all their prompts. ``unedited_locality[k]`` holds the
+    unedited model's predictions on record k's locality items; ``adapters[k]`` routes record k to
+    its own adapter (:meth:`ICELoRAEditor.edit_each`)."""
     pairs: list[tuple[str, str]] = []
     owners: list[int] = []
     for k, record in enumerate(records):
@@ -166,6 +166,37 @@ def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], b
         owners += [k] * len(mine)
     route = None if adapters is None else [adapters[k] for k in owners]
     predictions = predict_answers(editor.model, editor.tokenizer, pairs, adapters=route)
+    scores = []
+    position = 0
+    for k, record in enumerate(records):
+        n_reph, n_port, n_loc = len(record.rephrase), len(record.portability), len(record.locality)
+        mine = predictions[position: position + 1 + n_reph + n_port + n_loc]
+        position += len(mine)
+        rephrase = mine[1: 1 + n_reph]
+        portability = mine[1 + n_reph: 1 + n_reph + n_port]
+        locality = mine[1 + n_reph + n_port:]
+        port_scores = [p.accuracy for p in portability]
+        loc_scores = [agreement(e, u) for e, u in zip(locality, unedited_locality[k])]
+        scores.append({
+            "edit_success": mine[0].accuracy,
+            "rephrase": statistics.fmean(p.accuracy for p in rephrase) if rephrase else None,
+            "portability": statistics.fmean(port_scores) if port_scores else None,
+            "portability_by_type": by_kind(port_scores, [i.kind for i in record.portability]),
+            "locality": statistics.fmean(loc_scores) if loc_scores else None,
+            "locality_by_type": by_kind(loc_scores, [i.kind for i in record.locality]),
+        })
+    return scores
+
+
+def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], baselines: list[Baseline],
+                        seed: int, adapters: list[str] | None = None) -> list[dict[str, Any]]:
+    """All per-case metrics of several records at once, each against its unedited baseline.
+
+    ``adapters[k]`` names the adapter holding record k's edit (:meth:`ICELoRAEditor.edit_each`);
+    without it every record is measured on the model as it is now. Every forward pass is batched
+    over the records.
+    """
+    scores = teacher_forced_scores(editor, records, [b.locality for b in baselines], adapters)
     prompts = [r.request.prompt for r in records]
     afters = editor.generate_many(prompts, [greedy_length(editor, r.request.target) for r in records],
                                   adapters=adapters)
@@ -176,34 +207,14 @@ def measure_edited_many(editor: ICELoRAEditor, records: list[BenchmarkRecord], b
     with editor.unedited():
         nlls = continuation_nlls(editor.model, editor.tokenizer.pad_token_id, scored)
     gen_nlls, target_nlls = nlls[: len(records)], nlls[len(records):]
-
-    cases = []
-    position = 0
-    for k, record in enumerate(records):
-        request, baseline = record.request, baselines[k]
-        n_reph, n_port, n_loc = len(record.rephrase), len(record.portability), len(record.locality)
-        mine = predictions[position: position + 1 + n_reph + n_port + n_loc]
-        position += len(mine)
-        rephrase = mine[1: 1 + n_reph]
-        portability = mine[1 + n_reph: 1 + n_reph + n_port]
-        locality = mine[1 + n_reph + n_port:]
-        port_scores = [p.accuracy for p in portability]
-        loc_scores = [agreement(e, u) for e, u in zip(locality, baseline.locality)]
-        cases.append({
-            "edit_success": mine[0].accuracy,
-            "rephrase": statistics.fmean(p.accuracy for p in rephrase) if rephrase else None,
-            "portability": statistics.fmean(port_scores) if port_scores else None,
-            "portability_by_type": by_kind(port_scores, [i.kind for i in record.portability]),
-            "locality": statistics.fmean(loc_scores) if loc_scores else None,
-            "locality_by_type": by_kind(loc_scores, [i.kind for i in record.locality]),
-            "fluency": ngram_entropy(samples[k][0]),
-            "fluency_unedited": baseline.fluency,
-            "ppl_r": perplexity_ratio(gen_nlls[k], target_nlls[k]),
-            "exact_match": float(starts_with_target(afters[k], request.target)),
-            "before": baseline.before,
-            "after": afters[k],
-        })
-    return cases
+    return [{**scores[k],
+             "fluency": ngram_entropy(samples[k][0]),
+             "fluency_unedited": baselines[k].fluency,
+             "ppl_r": perplexity_ratio(gen_nlls[k], target_nlls[k]),
+             "exact_match": float(starts_with_target(afters[k], record.request.target)),
+             "before": baselines[k].before,
+             "after": afters[k]}
+            for k, record in enumerate(records)]
 
 
 def _mean(values: list[float | None]) -> float | None:
