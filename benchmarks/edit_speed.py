@@ -51,10 +51,10 @@ from transformers import (
 )
 
 from icelora import ICELoRAEditor, load_model
-from icelora.config import AUTOCAST_DTYPES, EditConfig, read_config_file
+from icelora.config import AUTOCAST_DTYPES, EditConfig
 from icelora.data_utils.templates import template_contexts
 from icelora.errors import IceloraError
-from icelora.methods import METHODS, method_config
+from icelora.methods import METHODS, config_from_file, method_config
 from icelora.models import (
     EMBEDDED_MODEL,
     LoadedModel,
@@ -314,11 +314,10 @@ METHOD_IS_LORA = {m: method_config(m).parameterization == "lora" for m in METHOD
 def ice_lora_config(path: str) -> EditConfig:
     """The ``ice-lora`` configuration a YAML file of keys makes (its ``method``, if any, must be
     ``ice-lora``)."""
-    settings = read_config_file(path)
-    method = settings.pop("method", "ice-lora")
+    method, config = config_from_file(path)
     if method != "ice-lora":
         raise IceloraError(f"{path}: a configuration of {method!r}, not of ice-lora")
-    return method_config("ice-lora", **settings)
+    return config
 
 
 def device_name(device: torch.device) -> str:

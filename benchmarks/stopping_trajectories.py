@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from icelora.config import EditConfig, read_config_file
+from icelora.config import EditConfig
 from icelora.data_utils.dataset import BenchmarkRecord, load_dataset, resolve_dataset
 from icelora.editing_loop import StepRecord, should_stop
 from icelora.errors import IceloraError
@@ -55,7 +55,7 @@ from icelora.evaluation.runner import (
     teacher_forced_scores,
 )
 from icelora.icelora_editor import ICELoRAEditor
-from icelora.methods import method_config
+from icelora.methods import config_from_file
 from icelora.models import EMBEDDED_MODEL, load_model
 
 #: Teacher-forced metrics scored after every step.
@@ -70,10 +70,9 @@ def trajectory_case(editor: ICELoRAEditor, record_: BenchmarkRecord, baseline: B
     """Edit ``record_`` from the unedited model for the editor's full ``max_steps`` and score it
     after every step; the case line ``record`` writes: every metric of ``icelora eval`` after the
     last step at its top level (against the unedited ``baseline``), the per-step entries under
-    ``trajectory``. The model is unedited again afterwards."""
+    ``trajectory``. Call it on the unedited model; it is unedited again afterwards."""
     unedited_locality = baseline.locality
     steps: list[dict[str, Any]] = []
-    editor.revert()
     clock = [time.perf_counter()]
 
     def probe(step: StepRecord) -> None:
@@ -94,9 +93,7 @@ def trajectory_case(editor: ICELoRAEditor, record_: BenchmarkRecord, baseline: B
 
 def record(args: argparse.Namespace) -> None:
     """Edit each record for the full ``max_steps`` and write its per-step scores."""
-    settings = read_config_file(args.config) if args.config else {}
-    method = settings.pop("method", "ice-lora")
-    config = method_config(method, **settings).replace(early_stopping=False)
+    method, config = config_from_file(args.config, early_stopping=False)
     data_path = resolve_dataset(args.dataset, args.data_dir)
     dataset = load_dataset(data_path, indices=args.indices, limit=args.limit)
     if not dataset.records:

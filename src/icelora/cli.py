@@ -51,15 +51,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> EditConfig:
     """The method's preset, then the ``--config`` file, then the flags; sets ``args.method``."""
-    from icelora.config import read_config_file
-    from icelora.methods import method_config
+    from icelora.methods import config_from_file
 
-    settings = read_config_file(args.config) if args.config else {}
-    file_method = settings.pop("method", None)
-    args.method = args.method or file_method or "ice-lora"
     keys = ("seed", "max_steps", "learning_rate", "lambda_ice", "lora_rank", "layers")
     flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    return method_config(args.method, **settings, **flags)
+    args.method, config = config_from_file(args.config, args.method, **flags)
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:

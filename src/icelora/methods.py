@@ -5,9 +5,10 @@ FT-L, FT-M, LoRA, ICE and ICE-LoRA are presets of :class:`EditConfig`, run by th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from icelora.config import EditConfig
+from icelora.config import EditConfig, read_config_file
 from icelora.errors import InvalidConfigError
 
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
@@ -43,3 +44,14 @@ def method_config(method: str, **overrides: Any) -> EditConfig:
     if method not in METHOD_PRESETS:
         raise InvalidConfigError(f"unknown method {method!r}; choose from {list(METHODS)}")
     return EditConfig.from_dict({**METHOD_PRESETS[method], **overrides}, source=f"method {method!r}")
+
+
+def config_from_file(path: str | Path | None, method: str | None = None,
+                     **overrides: Any) -> tuple[str, EditConfig]:
+    """The method and configuration a YAML file of keys makes: ``method`` (else the file's
+    ``method``, else ``ice-lora``), its preset, then the file's keys, then ``overrides``.
+    ``path=None``: the preset alone."""
+    settings = read_config_file(path) if path else {}
+    file_method = settings.pop("method", None)
+    method = method or file_method or "ice-lora"
+    return method, method_config(method, **{**settings, **overrides})
