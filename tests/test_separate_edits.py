@@ -226,6 +226,13 @@ def test_benchmark_with_edits_at_once_equals_one_at_a_time(tmp_path, fixture_dat
                        train_together=together)
     assert {k: again[k] for k in STABLE_KEYS} == {k: two[k] for k in STABLE_KEYS}
 
+    # the other way of training the group may resume it (the cases are the same up to rounding)
+    (tmp_path / "two" / "cases.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+    other = run_single(make(), "ice-lora", fixture_data, tmp_path / "two", seed=0, resume=True, edits_at_once=2,
+                       train_together=not together)
+    for key in STABLE_KEYS:
+        assert other[key] == pytest.approx(two[key], rel=1e-4, abs=1e-6), key
+
 
 def test_unedited_reference_rows_in_shared_batches(tmp_path, fixture_data):
     editor = ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=1)

@@ -53,8 +53,10 @@ RUN_FILE = "run.json"
 CURVE_FILE = "curve.jsonl"
 #: run.json keys that may differ between a run and its resumption (the data is identified by its sha256).
 #: ``command_as_run``: kept by a run folder renamed after it ran, whose ``command`` is the one that
-#: reproduces it under its new name.
-VOLATILE_RUN_KEYS = ("command", "command_as_run", "versions", "device", "data_file")
+#: reproduces it under its new name. ``train_together``: whether a group's edits were trained in one
+#: batched loop or one after another, which gives each case the same result up to float rounding
+#: (as a change of ``device`` does), so a run made one way may be resumed the other.
+VOLATILE_RUN_KEYS = ("command", "command_as_run", "versions", "device", "data_file", "train_together")
 
 
 class RunFolderError(IceloraError):
