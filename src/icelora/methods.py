@@ -25,10 +25,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "ice": dict(objective="ice-reference", parameterization="full", target_modules=["mlp_out"],
                 learning_rate=7e-4, max_steps=25, clamp=5e-4, temperature=100.0, completion_length=3),
     # ICE-LoRA: the clean ICE objective trained into LoRA adapters on the MLP projections, with early
-    # stopping after 4 flat steps, a locality term on anchors asking the edited subject's other relations, adapters kept
-    # blind to the leading input directions of those anchors (98% of their energy) and, when edits
-    # accumulate, replay of 4 earlier edits per step, each with one of its own anchors (chosen on
-    # validation records: reports/tuning.md).
+    # stopping after 4 flat steps, a locality term on anchors asking the edited subject's other
+    # relations, adapters kept blind to the leading input directions of those anchors (98% of their
+    # energy) and, when edits accumulate, replay of 4 earlier edits per step, each with one of its
+    # own anchors (chosen on validation records: reports/tuning.md).
     "ice-lora": dict(objective="ice", parameterization="lora", learning_rate=2e-3, max_steps=25,
                      lambda_ice=1.0, target_modules=["mlp_in", "mlp_out"], early_stopping=True,
                      early_stop_patience=4, lambda_locality=4.0, locality_anchor_kind="relation",
