@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -28,7 +30,9 @@ def build_lora_config(arch: ArchitectureMap, config: EditConfig, layers: list[in
 
 def attach_lora(model: nn.Module, lora_config: LoraConfig, seed: int) -> PeftModel:
     """Wrap ``model`` with fresh adapters (seeded initialisation); the base weights stay frozen."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT reads the model's deprecated ``is_gradient_checkpointing``; the warning is PEFT's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
 

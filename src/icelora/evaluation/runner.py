@@ -52,8 +52,9 @@ METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
 CURVE_FILE = "curve.jsonl"
 #: run.json keys that may differ between a run and its resumption (the data is identified by its sha256).
-#: ``command_as_run``: kept by a run folder renamed after it ran, whose ``command`` is the one that
-#: reproduces it under its new name. ``train_together``: whether a group's edits were trained in one
+#: ``command_as_run``: the command a run was made with, kept where that command no longer
+#: reproduces it (the folder renamed, or the method's preset changed since); ``command`` is then the
+#: one that does. ``train_together``: whether a group's edits were trained in one
 #: batched loop or one after another, which gives each case the same result up to float rounding
 #: (as a change of ``device`` does), so a run made one way may be resumed the other.
 VOLATILE_RUN_KEYS = ("command", "command_as_run", "versions", "device", "data_file", "train_together")
