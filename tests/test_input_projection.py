@@ -78,8 +78,17 @@ def _update_on(editor: ICELoRAEditor, name: str, directions: torch.Tensor, adapt
     return ((delta @ directions).norm() / delta.norm()).item()
 
 
-def test_an_edit_leaves_the_anchors_leading_directions_alone(tiny):
-    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9)
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_an_edit_leaves_the_anchors_leading_directions_alone(tiny, weight, monkeypatch):
+    """With the locality term (``lambda_locality`` 0.5) or without it (0: the anchors are made for
+    the projection alone and no KL is computed on them), the update stays off their directions."""
+    import icelora.losses
+
+    kl_calls = []
+    kl = icelora.losses.anchor_kl_from_logits
+    monkeypatch.setattr(icelora.losses, "anchor_kl_from_logits", lambda *a, **k: kl_calls.append(1) or kl(*a, **k))
+    editor = ICELoRAEditor(tiny, method="ice-lora", **{**SETTINGS, "lambda_locality": weight},
+                           lora_projection_energy=0.9)
     modules = editor.params.base_modules()
     anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
     inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)
@@ -91,6 +100,7 @@ def test_an_edit_leaves_the_anchors_leading_directions_alone(tiny):
         directions = leading_directions(x, 0.9)
         assert _update_on(editor, name, directions) < 1e-5, name
     assert editor.params.protected == {}  # lifted when the edit ends
+    assert len(kl_calls) == (SETTINGS["max_steps"] if weight else 0)
 
 
 def test_without_the_constraint_the_update_acts_on_those_directions(tiny):
@@ -178,7 +188,6 @@ def test_config_rejects_an_unknown_projection_scope():
 
 @pytest.mark.parametrize("changes, message", [
     ({"lora_projection_energy": 1.0}, "in \\(0, 1\\)"),
-    ({"lora_projection_energy": 0.9, "lambda_locality": 0.0}, "lambda_locality"),
     ({"lora_projection_energy": 0.9, "lambda_locality": 1.0, "parameterization": "full"}, "parameterization lora"),
     ({"lora_projection_scope": "edit"}, "needs lora_projection_energy"),
     ({"lora_projection_gradients": True}, "needs lora_projection_energy"),

@@ -38,11 +38,12 @@ class EditConfig:
     locality_anchor_kind: ``general`` (fixed unrelated texts), ``subject`` (prompts about each
         request's subject, continued by the unedited model's greedy tokens) or ``relation`` (the
         subject's other relations, asked for common Wikidata properties, continued likewise).
-    lora_projection_energy: LoRA only, with the locality term on: keep each adapter's input
-        projection ``A`` orthogonal to the leading directions of the inputs its module receives on
-        the edit's anchors before the edit (those holding this share of their energy), so the
-        update cannot act on them (:mod:`icelora.input_projection`); ``None``: off. Each edit
-        call protects its own anchors.
+    lora_projection_energy: LoRA only: keep each adapter's input projection ``A`` orthogonal to
+        the leading directions of the inputs its module receives on the edit's locality anchors
+        before the edit (those holding this share of their energy), so the update cannot act on
+        them (:mod:`icelora.input_projection`); ``None``: off. Each edit call protects its own
+        anchors; with ``lambda_locality`` 0 the anchors are made for the projection alone and no
+        KL term is trained on them.
     lora_projection_scope: what that projection applies to: ``adapter``, the whole of ``A`` (in
         sequential editing, the part earlier edits put there included), or ``edit``, only what
         the current edit call adds to it (earlier edits' part is kept; an adapter that has
@@ -156,9 +157,9 @@ class EditConfig:
         if energy is not None:
             if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy < 1:
                 raise InvalidConfigError(f"lora_projection_energy must be a number in (0, 1) or null, got {energy!r}")
-            if self.parameterization != "lora" or not self.lambda_locality:
-                raise InvalidConfigError("lora_projection_energy needs parameterization lora and lambda_locality > 0 "
-                                         "(it protects the inputs of the locality anchors)")
+            if self.parameterization != "lora":
+                raise InvalidConfigError("lora_projection_energy needs parameterization lora (it keeps LoRA's "
+                                         "input projection off the locality anchors' inputs)")
         if self.lora_projection_scope not in LORA_PROJECTION_SCOPES:
             raise InvalidConfigError(f"lora_projection_scope must be one of {list(LORA_PROJECTION_SCOPES)}, "
                                      f"got {self.lora_projection_scope!r}")

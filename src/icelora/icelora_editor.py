@@ -317,9 +317,9 @@ class ICELoRAEditor:
                 self.params.protect(None, adapter)
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
-        """The unedited model's distributions on the locality anchors of ``plan``'s requests
-        (``None`` when ``lambda_locality`` is 0)."""
-        if not self.config.lambda_locality:
+        """The unedited model's distributions on the locality anchors of ``plan``'s requests, for
+        the locality term and the null-space constraint (``None`` when neither is on)."""
+        if not (self.config.lambda_locality or self.config.lora_projection_energy is not None):
             return None
         with self.unedited(), autocast(self.model, self.config):  # as the student will see them
             return anchor_teachers(self.model, self.tokenizer, plan.pad_id, self.config.locality_anchor_kind,
