@@ -25,10 +25,18 @@ def test_every_method_is_a_valid_preset():
     ({"target_modules": ["attn_k"]}, "target_modules"),
     ({"layers": []}, "layers"),
     ({"clamp": 0.0}, "clamp"),
+    ({"contexts_per_step": 0}, "contexts_per_step"),
+    ({"contexts_per_step": 2.5}, "contexts_per_step"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(InvalidConfigError, match=field):
         method_config("ice-lora", **overrides)
+
+
+def test_contexts_per_step_is_refused_outside_the_ice_objective():
+    with pytest.raises(InvalidConfigError, match="contexts_per_step applies to objective ice only"):
+        method_config("ice", contexts_per_step=2)
+    assert method_config("ice-lora", contexts_per_step=2).contexts_per_step == 2
 
 
 def test_unknown_method_and_key():

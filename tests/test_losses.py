@@ -15,6 +15,7 @@ from icelora.losses import (
     Objective,
     build_plan,
     completion_mask,
+    contexts_at_step,
     ice_loss,
     ice_reference_loss,
     kept_group_mean,
@@ -112,6 +113,36 @@ def test_ice_term_matches_hand_computation(tiny):
                 lq = F.log_softmax(q[len(enc.ids) - 1 + t], -1)
                 kls.append((lp.exp() * (lp - lq)).sum())
     assert parts.ice == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4)
+
+
+def test_contexts_take_turns_in_a_moving_window():
+    contexts = ["a", "b", "c", "d", "e"]
+    windows = [contexts_at_step(contexts, 2, step) for step in range(5)]
+    assert windows == [["a", "b"], ["c", "d"], ["e", "a"], ["b", "c"], ["d", "e"]]
+    assert all(sum(w.count(c) for w in windows) == 2 for c in contexts)  # every context equally often
+    assert contexts_at_step(contexts, None, 7) == contexts
+    assert contexts_at_step(contexts, 5, 7) == contexts
+    assert contexts_at_step(["a", "b"], 3, 1) == ["a", "b"]
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_a_step_with_fewer_contexts_is_the_loss_of_those_contexts_alone(tiny, step):
+    """contexts_per_step k: step s's ICE loss is the one of a request holding only its window."""
+    three = EditRequest(prompt=REQUEST.prompt, target=REQUEST.target, subject=REQUEST.subject,
+                        contexts=(*REQUEST.contexts, "Rome, Italy: the Eiffel Tower."))
+    config = _config(objective="ice", num_contexts=3, contexts_per_step=1)
+    plan = build_plan(tiny.tokenizer, [three], config)
+    parts = ice_loss(tiny.model, plan, config, step, torch.Generator().manual_seed(5))
+
+    alone = EditRequest(prompt=REQUEST.prompt, target=REQUEST.target, subject=REQUEST.subject,
+                        contexts=(three.contexts[step],))
+    full = _config(objective="ice", num_contexts=3)
+    expected = ice_loss(tiny.model, build_plan(tiny.tokenizer, [alone], full), full, step,
+                        torch.Generator().manual_seed(5))
+    assert parts.ice == pytest.approx(expected.ice, rel=1e-5)
+    assert parts.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    everything = ice_loss(tiny.model, plan, full, step, torch.Generator().manual_seed(5))
+    assert parts.ice != pytest.approx(everything.ice, rel=1e-3)  # the window is not all the contexts
 
 
 def test_reference_terms_match_hand_computation(tiny):

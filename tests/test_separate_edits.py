@@ -33,12 +33,16 @@ SETTINGS = {"max_steps": 12, "layers": [1, 2], "learning_rate": 5e-2, "early_sto
             "early_stop_tolerance": 100.0}
 
 
-def test_independent_loss_is_the_sum_of_each_requests_own_loss(tiny):
-    config = EditConfig(num_contexts=2, completion_length=3, seed=3)
-    together = Objective(build_plan(tiny.tokenizer, REQUESTS, config, independent=True), config,
+@pytest.mark.parametrize("per_step", [None, 1], ids=["all-contexts", "one-context-per-step"])
+def test_independent_loss_is_the_sum_of_each_requests_own_loss(tiny, per_step):
+    """With ``contexts_per_step`` each request takes its own turn through its own contexts (the
+    first has one more, so the windows of step 4 differ between requests)."""
+    config = EditConfig(num_contexts=3, contexts_per_step=per_step, completion_length=3, seed=3)
+    requests = [replace(REQUESTS[0], contexts=(*REQUESTS[0].contexts, "Rome: the Eiffel Tower.")), *REQUESTS[1:]]
+    together = Objective(build_plan(tiny.tokenizer, requests, config, independent=True), config,
                          torch.device("cpu"))
     alone = [Objective(build_plan(tiny.tokenizer, [r], config), config, torch.device("cpu"))(tiny.model, 4)
-             for r in REQUESTS]
+             for r in requests]
     parts = together(tiny.model, 4)
     assert parts.loss.item() == pytest.approx(sum(a.loss.item() for a in alone), rel=1e-5)
     for mine, single in zip(parts.per_request, alone):

@@ -33,6 +33,10 @@ class EditConfig:
     clamp: for ``full``, keep every trained element within ``theta0 +- clamp`` (``None``: no clamp).
     num_contexts / samples_per_context / completion_length / temperature: the ICE sampling of
         self-induced completions ``x_c`` from the context-conditioned model.
+    contexts_per_step: ``ice`` only: each step samples after this many of a request's contexts, a
+        window that moves on by as many every step, so all of them take turns equally often (step
+        ``s`` uses contexts ``s*k .. s*k+k-1`` modulo their number); ``None``: all of them every
+        step. Fewer contexts per step make each step cheaper and the ICE term noisier.
     lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many anchor
         texts per step (:mod:`icelora.anchors`); 0 turns it off.
     locality_anchor_kind: ``general`` (fixed unrelated texts), ``subject`` (prompts about each
@@ -83,6 +87,7 @@ class EditConfig:
     clamp: float | None = None
     weight_decay: float = 0.0
     num_contexts: int = 5
+    contexts_per_step: int | None = None
     samples_per_context: int = 1
     completion_length: int = 3
     temperature: float = 1.0
@@ -175,6 +180,12 @@ class EditConfig:
         if self.lora_projection_gradients and energy is None:
             raise InvalidConfigError("lora_projection_gradients needs lora_projection_energy (there are no "
                                      "protected directions to project the gradients off without it)")
+        per_step = self.contexts_per_step
+        if per_step is not None:
+            if not isinstance(per_step, int) or isinstance(per_step, bool) or per_step < 1:
+                raise InvalidConfigError(f"contexts_per_step must be a positive integer or null, got {per_step!r}")
+            if self.objective != "ice":
+                raise InvalidConfigError(f"contexts_per_step applies to objective ice only, not {self.objective!r}")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

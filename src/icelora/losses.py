@@ -397,14 +397,24 @@ class IceLayout:
         return replace(self.student, input_ids=ids)
 
 
-def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device) -> IceLayout:
-    """The fixed structure of an ICE step, built once per plan: the context rows ``c + q + x*``
-    (``samples_per_context`` per context, left-padded for sampling), the student rows ``q + x*``
-    with room for the ``m`` completion tokens written in each step, and where the target and
-    completion tokens sit in them."""
+def contexts_at_step(contexts: Sequence[str], per_step: int | None, step: int) -> list[str]:
+    """The contexts step ``step`` samples after: all of them (``per_step`` None or at least their
+    number), else the window of ``per_step`` that starts at ``step * per_step`` modulo their number."""
+    n = len(contexts)
+    if per_step is None or per_step >= n:
+        return list(contexts)
+    start = step * per_step % n
+    return [contexts[(start + j) % n] for j in range(per_step)]
+
+
+def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device, step: int = 0) -> IceLayout:
+    """The fixed structure of ICE step ``step``, built once per plan and choice of contexts
+    (:func:`contexts_at_step`): the context rows ``c + q + x*`` (``samples_per_context`` per
+    context, left-padded for sampling), the student rows ``q + x*`` with room for the ``m``
+    completion tokens written in each step, and where the target and completion tokens sit in them."""
     owners, context_rows = [], []
     for i, request in enumerate(plan.requests):
-        for context in plan.contexts[i]:
+        for context in contexts_at_step(plan.contexts[i], config.contexts_per_step, step):
             prefix = config.context_template.format(context=context, prompt=request.prompt)
             row = plan.encode(prefix, request.target)
             for _ in range(config.samples_per_context):
@@ -450,7 +460,7 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     unless it is replayed from a graph.
     """
     device = next(model.parameters()).device
-    layout = ice_layout(plan, config, device)
+    layout = ice_layout(plan, config, device, step)
     sample = (layout.sampler(model, plan, config.completion_length) if graphs else None) or sample_from_batch
     completions = sample(model, layout.context, config.completion_length, config.temperature,
                          _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
