@@ -8,7 +8,8 @@ and steps; each phase of the steps (the objective's passes, of which the samplin
 pass; the optimizer) with its host time and, on CUDA, the device time of the kernels it launched
 (the backward pass's kernels are launched by autograd's own thread, outside its range); the device's
 busy fraction (kernel time over wall time: far under 1 means the host, not the arithmetic, sets
-the pace) and the number of kernel launches per step; then the operators with the most host time
+the pace) and the number of kernel launches per step; the work an edit does once (its anchors and,
+under ``lora_projection_energy``, the protected directions); then the operators with the most host time
 and, on CUDA, the most device time. ``--trace FILE`` also writes a Chrome trace.
 """
 
@@ -27,6 +28,7 @@ import torch
 from edit_speed import SHAPES, benchmark_requests, load_tokenizer, random_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import icelora.icelora_editor
 import icelora.losses
 import icelora.sampling_graphs
 from icelora import ICELoRAEditor, load_model
@@ -46,6 +48,12 @@ PHASES = (
     (torch.Tensor, "backward", "backward"),
     (torch.optim.Adam, "step", "optimizer"),
 )
+#: Ranges around the work an edit does once, before its steps (printed per edit, not per step).
+EDIT_PHASES = (
+    (icelora.icelora_editor.ICELoRAEditor, "anchor_teachers", "anchors"),
+    (icelora.icelora_editor, "module_inputs", "protection inputs"),
+    (icelora.icelora_editor, "leading_directions", "protection directions"),
+)
 
 
 def _ranged(function: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -60,7 +68,7 @@ def _ranged(function: Callable[..., Any], name: str) -> Callable[..., Any]:
 def phase_ranges() -> Iterator[None]:
     """Open a named profiler range around each phase's function while the block runs."""
     saved = []
-    for owner, attribute, name in PHASES:
+    for owner, attribute, name in PHASES + EDIT_PHASES:
         original = getattr(owner, attribute)
         setattr(owner, attribute, _ranged(original, name))
         saved.append((owner, attribute, original))
@@ -137,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         if event is not None:
             host, on_device = event.cpu_time_total / 1e3 / steps, device_time_us(event) / 1e3 / steps
             print(f"{name:<12} {host:>13.1f} {on_device:>15.1f}")
+    print(f"{'once per edit':<22} {'host ms':>8} {'device ms':>10}")
+    for name in dict.fromkeys(name for _, _, name in EDIT_PHASES):
+        event = by_name.get(name)
+        if event is not None:
+            print(f"{name:<22} {event.cpu_time_total / 1e3:>8.1f} {device_time_us(event) / 1e3:>10.1f}")
     if cuda:
         busy = sum(device_time_us(e, self_only=True) for e in host_side) / 1e6  # each kernel counted under its launcher
         launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)

@@ -71,6 +71,21 @@ def test_module_inputs_ignore_padding(tiny):
         assert torch.allclose(both[name][: len(rows[0])], alone[name], atol=1e-5)
 
 
+def test_module_inputs_read_nothing_back_from_the_device(tiny):
+    """The real positions come from the host's row lengths, not from a mask on the device (on CUDA
+    a boolean mask makes the host wait, once per module)."""
+    from tests.test_host_reads import HostReads
+
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9)
+    rows = [tuple(editor.tokenizer(t)["input_ids"]) for t in ("The Eiffel Tower is", "Rome is the capital of Italy")]
+    watch = HostReads()
+    with watch:
+        module_inputs(editor.model, editor.params.base_modules(), rows, editor.tokenizer.pad_token_id)
+    reads = {line: n for line, n in watch.lines.items() if "input_projection.py" in line}
+    # the rows and their positions are made on the host and copied once each; nothing else
+    assert all(n == 1 for n in reads.values()) and len(reads) <= 2, reads
+
+
 def _update_on(editor: ICELoRAEditor, name: str, directions: torch.Tensor, adapter: str = "default") -> float:
     """||B A U|| / ||B A||: the share of the adapter's update that acts on ``directions``."""
     module = lora_layers(editor.model)[name]

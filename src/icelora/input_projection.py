@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from icelora.tokenization import pad_rows
+from icelora.tokenization import pad_rows, to_device
 
 
 @torch.no_grad()
@@ -34,10 +34,13 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
     name -> [positions, in_features], in float32."""
     device = next(model.parameters()).device
     batch = pad_rows([tuple(r) for r in rows], pad_id, device=device)
-    real = batch.attention_mask.bool()
+    width = batch.input_ids.shape[1]
+    # the real positions in the flattened batch, from the host's lengths: no read from the device
+    real = to_device(torch.tensor([i * width + offset + j for i, (offset, length)
+                                   in enumerate(zip(batch.offsets, batch.lengths)) for j in range(length)]), device)
     seen: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.__setitem__(name, args[0][real].float()))
+        lambda _m, args, name=name: seen.__setitem__(name, args[0].flatten(0, 1).index_select(0, real).float()))
         for name, module in modules.items()]
     try:
         model(**batch.forward_kwargs(), **forward_kwargs)
@@ -49,7 +52,9 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
 
 def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     """Orthonormal columns [in_features, k]: the fewest left singular vectors of ``inputs.T``
-    ([positions, in_features] given) whose squared singular values hold ``energy`` of the total."""
+    ([positions, in_features] given) whose squared singular values hold ``energy`` of the total.
+    The SVD runs in float64 on the device of ``inputs`` (``benchmarks/direction_speed.py`` times it
+    against the host)."""
     if not 0 < energy < 1:
         raise ValueError(f"energy must be in (0, 1), got {energy!r}")
     u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
