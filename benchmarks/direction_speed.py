@@ -6,15 +6,16 @@
 For inputs ``X`` [positions, features] on ``--device`` (random, with a decaying spectrum), the
 milliseconds until the directions are on that device, median of ``--repeats``:
 
-- ``host svd``: the float64 SVD of ``X^T`` on the host, the directions copied back to the device;
-- ``device svd``: :func:`icelora.input_projection.leading_directions` (the same SVD in float64 on
-  the device, ``k`` read from the device);
-- ``gram eigh``: ``X X^T`` [positions, positions] in float64 on the device, its eigendecomposition
-  on the host, ``U = X^T V S^-1`` on the device.
+- ``host svd``: :func:`icelora.input_projection.leading_directions` on a host copy of ``X`` (the
+  float64 SVD of ``X^T``), the directions copied back to the device;
+- ``device svd``: the same SVD in float64 on the device, ``k`` read from the device;
+- ``gram eigh``: :func:`icelora.input_projection.gram_directions` (``X X^T`` [positions, positions]
+  in float64 on the device, its eigendecomposition on the host, ``U = X^T V S^-1`` on the device;
+  what ``leading_directions`` does off the CPU).
 
 Each row also gives the largest difference between the projections ``U U^T`` of the host SVD
 and the other two (the same subspace gives a difference near rounding). On the CPU the first two
-are the same computation.
+are the same computation. ``--positions`` defaults to what one edit's relation anchors give.
 """
 
 from __future__ import annotations
@@ -26,21 +27,18 @@ from collections.abc import Callable
 
 import torch
 
-from icelora.input_projection import leading_directions
+from icelora.input_projection import gram_directions, leading_directions
 
 
 def host_svd(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     return leading_directions(inputs.cpu(), energy).to(inputs.device)
 
 
-def gram_eigh(inputs: torch.Tensor, energy: float) -> torch.Tensor:
-    x = inputs.double()
-    values, vectors = torch.linalg.eigh((x @ x.T).cpu())  # ascending
-    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-    share = values.cumsum(0) / values.sum()
-    k = int((share < energy).sum()) + 1
-    scaled = (vectors[:, :k] / values[:k].sqrt()).to(inputs.device)
-    return (x.T @ scaled).to(inputs.dtype)
+def device_svd(inputs: torch.Tensor, energy: float) -> torch.Tensor:
+    u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
+    share = (s**2).cumsum(0) / (s**2).sum()
+    k = int((share < energy).sum().item()) + 1
+    return u[:, :k].to(inputs.dtype)
 
 
 def timed(function: Callable[[torch.Tensor, float], torch.Tensor], inputs: torch.Tensor, energy: float,
@@ -60,7 +58,7 @@ def timed(function: Callable[[torch.Tensor, float], torch.Tensor], inputs: torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--positions", default="48,96,192", help="comma-separated numbers of anchor positions")
+    parser.add_argument("--positions", default="48,192,400", help="comma-separated numbers of anchor positions")
     parser.add_argument("--features", default="1600,6400", help="comma-separated input widths")
     parser.add_argument("--energy", type=float, default=0.98)
     parser.add_argument("--repeats", type=int, default=5)
@@ -73,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             scales = torch.logspace(0, -3, n)
             inputs = (torch.randn(p, n, generator=generator) * scales).to(args.device)
             host, u = timed(host_svd, inputs, args.energy, args.repeats)
-            on_device, u_device = timed(leading_directions, inputs, args.energy, args.repeats)
-            gram, u_gram = timed(gram_eigh, inputs, args.energy, args.repeats)
+            on_device, u_device = timed(device_svd, inputs, args.energy, args.repeats)
+            gram, u_gram = timed(gram_directions, inputs, args.energy, args.repeats)
             projector = (u @ u.T).double()
             diffs = [((v @ v.T).double() - projector).abs().max().item() if v.shape == u.shape else float("nan")
                      for v in (u_device, u_gram)]

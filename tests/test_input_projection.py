@@ -9,7 +9,7 @@ from icelora import ICELoRAEditor
 from icelora.anchors import relation_anchors
 from icelora.config import EditConfig
 from icelora.errors import InvalidConfigError
-from icelora.input_projection import leading_directions, module_inputs, project_off
+from icelora.input_projection import gram_directions, leading_directions, module_inputs, project_off
 from icelora.lora_utils import lora_layers
 from icelora.request import EditRequest
 from tests.conftest import TINY_BUILDERS
@@ -36,6 +36,49 @@ def test_leading_directions_hold_the_asked_share_of_energy():
         assert held >= energy and (u.shape[1] == 1 or (s[: u.shape[1] - 1] ** 2).sum() / (s**2).sum() < energy)
     with pytest.raises(ValueError, match="energy"):
         leading_directions(inputs, 1.0)
+
+
+def _decaying_inputs(positions: int, features: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(positions, features, generator=generator) * torch.logspace(0, -2, features)
+
+
+@pytest.mark.parametrize("positions", [40, 300], ids=["fewer-positions", "more-positions"])
+def test_gram_directions_span_what_the_svd_spans(positions):
+    """Both shapes of the Gram route (``X X^T`` when positions are fewer than features, ``X^T X``
+    otherwise) give the SVD's k and its subspace: the same projector up to float32 rounding."""
+    inputs = _decaying_inputs(positions, 96, seed=positions)
+    for energy in (0.5, 0.9, 0.98):
+        svd = leading_directions(inputs, energy)  # on the CPU: the SVD
+        gram = gram_directions(inputs, energy)
+        assert gram.shape == svd.shape and gram.dtype == inputs.dtype
+        assert torch.allclose(gram.T @ gram, torch.eye(gram.shape[1]), atol=1e-5)
+        assert torch.allclose(gram @ gram.T, svd @ svd.T, atol=1e-5)
+    with pytest.raises(ValueError, match="energy"):
+        gram_directions(inputs, 0.0)
+
+
+@pytest.mark.slow
+def test_gram_directions_match_the_svd_on_the_embedded_models_anchor_inputs(embedded):
+    """On real inputs (every edited module of the embedded model, over the relation anchors of a
+    ZsRE-like edit: hundreds of positions), the Gram route keeps the SVD's k and subspace."""
+    editor = ICELoRAEditor(embedded, method="ice-lora")
+    anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
+    inputs = module_inputs(editor.model, editor.params.base_modules(), anchors.rows, editor.tokenizer.pad_token_id)
+    assert next(iter(inputs.values())).shape[0] > 100
+    for name, x in inputs.items():
+        svd, gram = leading_directions(x, 0.98), gram_directions(x, 0.98)
+        assert gram.shape == svd.shape, name
+        assert torch.allclose(gram @ gram.T, svd @ svd.T, atol=1e-6), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_directions_come_from_the_gram_route_and_match_the_cpu():
+    inputs = _decaying_inputs(120, 256, seed=3)
+    on_cpu = leading_directions(inputs, 0.98)
+    on_cuda = leading_directions(inputs.cuda(), 0.98)
+    assert on_cuda.is_cuda and on_cuda.shape == on_cpu.shape
+    assert torch.allclose(on_cuda.cpu() @ on_cuda.cpu().T, on_cpu @ on_cpu.T, atol=1e-5)
 
 
 def test_project_off_makes_the_rows_orthogonal_to_the_directions():

@@ -53,14 +53,39 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
 def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     """Orthonormal columns [in_features, k]: the fewest left singular vectors of ``inputs.T``
     ([positions, in_features] given) whose squared singular values hold ``energy`` of the total.
-    The SVD runs in float64 on the device of ``inputs`` (``benchmarks/direction_speed.py`` times it
-    against the host)."""
+
+    On the CPU, the float64 SVD of ``inputs.T``. On other devices :func:`gram_directions`, the same
+    subspace from a small eigendecomposition on the host: a GPU's float64 SVD of a thin matrix is a
+    long chain of small kernels (about as slow inside an edit as copying the inputs to the host for
+    the SVD there, ``benchmarks/results/cuda-h200-relation-anchors``)."""
     if not 0 < energy < 1:
         raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+    if inputs.device.type != "cpu":
+        return gram_directions(inputs, energy)
     u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
     share = (s**2).cumsum(0) / (s**2).sum()
     k = int((share < energy).sum().item()) + 1
     return u[:, :k].to(inputs.dtype)
+
+
+def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
+    """:func:`leading_directions` through the smaller Gram matrix of ``X = inputs`` [P, n], in float64:
+    for ``P >= n`` the eigenvectors of ``X^T X`` [n, n] are the directions themselves; for ``P < n``
+    those of ``X X^T`` [P, P] are the right singular vectors ``V``, and ``U = X^T V S^-1``. The
+    Gram matrix is formed on the device of ``inputs``, decomposed on the host (one copy, and ``k``
+    read there), and the directions are formed back on the device."""
+    if not 0 < energy < 1:
+        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+    x = inputs.double()
+    tall = x.shape[0] >= x.shape[1]
+    values, vectors = torch.linalg.eigh((x.T @ x if tall else x @ x.T).cpu())  # ascending
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    share = values.cumsum(0) / values.sum()
+    k = int((share < energy).sum()) + 1
+    if tall:
+        return to_device(vectors[:, :k].contiguous(), x.device).to(inputs.dtype)
+    scaled = to_device((vectors[:, :k] / values[:k].sqrt()).contiguous(), x.device)
+    return (x.T @ scaled).to(inputs.dtype)
 
 
 @torch.no_grad()
