@@ -58,6 +58,20 @@ def test_gram_directions_span_what_the_svd_spans(positions):
         gram_directions(inputs, 0.0)
 
 
+@pytest.mark.parametrize("positions", [10, 40], ids=["fewer-positions", "more-positions"])
+def test_gram_directions_stay_finite_where_the_inputs_are_degenerate(positions):
+    """All-zero inputs (no energy) and a direction far weaker than the largest: the Gram route
+    hands over to the SVD instead of dividing by a vanishing singular value."""
+    zeros = gram_directions(torch.zeros(positions, 32), 0.9)
+    assert zeros.isfinite().all() and zeros.shape == leading_directions(torch.zeros(positions, 32), 0.9).shape
+    weak = _decaying_inputs(positions, 32, seed=4)
+    weak[:, 0] *= 1e7  # one direction holds all but ~1e-12 of the energy
+    for energy in (0.9, 1 - 1e-14):
+        directions = gram_directions(weak, energy)
+        assert directions.isfinite().all()
+        assert torch.allclose(directions.T @ directions, torch.eye(directions.shape[1]), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_gram_directions_match_the_svd_on_the_embedded_models_anchor_inputs(embedded):
     """On real inputs (every edited module of the embedded model, over the relation anchors of a
@@ -73,11 +87,17 @@ def test_gram_directions_match_the_svd_on_the_embedded_models_anchor_inputs(embe
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_directions_come_from_the_gram_route_and_match_the_cpu():
+def test_on_cuda_the_directions_come_from_the_gram_route_and_match_the_cpu(monkeypatch):
+    import icelora.input_projection
+
+    calls = []
+    gram = icelora.input_projection.gram_directions
+    monkeypatch.setattr(icelora.input_projection, "gram_directions", lambda *a: calls.append(1) or gram(*a))
     inputs = _decaying_inputs(120, 256, seed=3)
     on_cpu = leading_directions(inputs, 0.98)
+    assert not calls
     on_cuda = leading_directions(inputs.cuda(), 0.98)
-    assert on_cuda.is_cuda and on_cuda.shape == on_cpu.shape
+    assert calls and on_cuda.is_cuda and on_cuda.shape == on_cpu.shape
     assert torch.allclose(on_cuda.cpu() @ on_cuda.cpu().T, on_cpu @ on_cpu.T, atol=1e-5)
 
 
@@ -108,10 +128,10 @@ def test_module_inputs_ignore_padding(tiny):
     modules = editor.params.base_modules()
     rows = [tuple(editor.tokenizer(t)["input_ids"]) for t in ("The Eiffel Tower is", "Rome is the capital of Italy")]
     both = module_inputs(editor.model, modules, rows, editor.tokenizer.pad_token_id)
-    alone = module_inputs(editor.model, modules, rows[:1], editor.tokenizer.pad_token_id)
+    each = [module_inputs(editor.model, modules, [row], editor.tokenizer.pad_token_id) for row in rows]
     for name in modules:
         assert both[name].shape[0] == sum(len(r) for r in rows)
-        assert torch.allclose(both[name][: len(rows[0])], alone[name], atol=1e-5)
+        assert torch.allclose(both[name], torch.cat([alone[name] for alone in each]), atol=1e-5)
 
 
 def test_module_inputs_read_nothing_back_from_the_device(tiny):
@@ -125,7 +145,7 @@ def test_module_inputs_read_nothing_back_from_the_device(tiny):
     with watch:
         module_inputs(editor.model, editor.params.base_modules(), rows, editor.tokenizer.pad_token_id)
     reads = {line: n for line, n in watch.lines.items() if "input_projection.py" in line}
-    # the rows and their positions are made on the host and copied once each; nothing else
+    # the positions are made on the host and copied once (the rows are, in pad_rows); nothing else
     assert all(n == 1 for n in reads.values()) and len(reads) <= 2, reads
 
 

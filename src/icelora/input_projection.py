@@ -37,7 +37,8 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
     width = batch.input_ids.shape[1]
     # the real positions in the flattened batch, from the host's lengths: no read from the device
     real = to_device(torch.tensor([i * width + offset + j for i, (offset, length)
-                                   in enumerate(zip(batch.offsets, batch.lengths)) for j in range(length)]), device)
+                                   in enumerate(zip(batch.offsets, batch.lengths)) for j in range(length)],
+                                  dtype=torch.long), device)
     seen: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_pre_hook(
         lambda _m, args, name=name: seen.__setitem__(name, args[0].flatten(0, 1).index_select(0, real).float()))
@@ -50,14 +51,19 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
     return seen
 
 
+#: The smallest eigenvalue of the Gram matrix, relative to its largest, that :func:`gram_directions`
+#: divides by (a singular value 1e-5 of the largest); below it the SVD is taken.
+GRAM_FLOOR = 1e-10
+
+
 def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     """Orthonormal columns [in_features, k]: the fewest left singular vectors of ``inputs.T``
     ([positions, in_features] given) whose squared singular values hold ``energy`` of the total.
 
     On the CPU, the float64 SVD of ``inputs.T``. On other devices :func:`gram_directions`, the same
-    subspace from a small eigendecomposition on the host: a GPU's float64 SVD of a thin matrix is a
-    long chain of small kernels (about as slow inside an edit as copying the inputs to the host for
-    the SVD there, ``benchmarks/results/cuda-h200-relation-anchors``)."""
+    subspace from a small eigendecomposition on the host, which took a third of the time of the
+    float64 SVD on an H200 (``benchmarks/direction_speed.py``,
+    ``benchmarks/results/cuda-h200-relation-anchors/2-directions.txt``)."""
     if not 0 < energy < 1:
         raise ValueError(f"energy must be in (0, 1), got {energy!r}")
     if inputs.device.type != "cpu":
@@ -73,7 +79,9 @@ def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     for ``P >= n`` the eigenvectors of ``X^T X`` [n, n] are the directions themselves; for ``P < n``
     those of ``X X^T`` [P, P] are the right singular vectors ``V``, and ``U = X^T V S^-1``. The
     Gram matrix is formed on the device of ``inputs``, decomposed on the host (one copy, and ``k``
-    read there), and the directions are formed back on the device."""
+    read there), and the directions are formed back on the device. Where the last direction kept
+    is too weak for ``S^-1`` to be accurate (its eigenvalue under :data:`GRAM_FLOOR` of the largest;
+    all-zero inputs too), the SVD of a host copy is taken instead."""
     if not 0 < energy < 1:
         raise ValueError(f"energy must be in (0, 1), got {energy!r}")
     x = inputs.double()
@@ -82,6 +90,8 @@ def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
     share = values.cumsum(0) / values.sum()
     k = int((share < energy).sum()) + 1
+    if not values[k - 1] > GRAM_FLOOR * values[0]:
+        return leading_directions(inputs.detach().cpu(), energy).to(inputs.device)
     if tall:
         return to_device(vectors[:, :k].contiguous(), x.device).to(inputs.dtype)
     scaled = to_device((vectors[:, :k] / values[:k].sqrt()).contiguous(), x.device)

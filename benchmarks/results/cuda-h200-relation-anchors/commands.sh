@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# The runs behind benchmarks/results/cuda-h200-relation-anchors: the current ice-lora preset
-# (relation anchors, lora_projection_energy 0.98, patience 4) on one NVIDIA H200, gpt2-xl shape,
-# in one call on one machine, each configuration under its own time limit. OUT: where the files
-# go; TOKENIZER: a folder holding the embedded model's tokenizer.json and tokenizer_config.json.
+# The runs behind benchmarks/results/cuda-h200-relation-anchors: the ice-lora preset (relation
+# anchors, lora_projection_energy 0.98, patience 4) on one NVIDIA H200, gpt2-xl shape, in two calls,
+# each on its own freshly started machine, each configuration under its own time limit. OUT: where
+# the files go; TOKENIZER: a folder holding the embedded model's tokenizer.json and
+# tokenizer_config.json. Each file was renamed with its call's prefix.
 #
 #   OUT=benchmarks/results/cuda-h200-relation-anchors TOKENIZER=TOKENIZER_DIR \
 #       bash benchmarks/results/cuda-h200-relation-anchors/commands.sh
 #
-# Call 1 (files 1-*) ran the graph modules' CUDA tests and four configurations on the code of
-# commit 98840a0. Call 2 (files 2-*; CALL=2, BEFORE_PATH: a PYTHONPATH whose icelora is commit
-# 98840a0's) ran, on another freshly started machine, a variant in which module_inputs takes the
-# anchors' positions by index instead of a boolean mask (kept) and leading_directions copies the
-# inputs to the host for its SVD (what host_svd in benchmarks/direction_speed.py does; not kept:
-# slower there), then timed the directions three ways, profiled one edit of that variant, and
-# reran the first configuration on commit 98840a0's code. Each file was renamed with its call's prefix.
+# Call 1 (files 1-*): the graph modules' CUDA tests and four configurations, on the code of commit
+# 98840a0 (the SVD of the protected directions on the device, module_inputs through a boolean mask).
+#
+# Call 2 (files 2-*; CALL=2, BEFORE_PATH: a PYTHONPATH whose icelora is commit 98840a0's): the code
+# of commit a63f83a (module_inputs takes the anchors' positions by index) with leading_directions
+# changed to take its SVD on a host copy, as host_svd in benchmarks/direction_speed.py does:
+#
+#     u, s, _ = torch.linalg.svd(inputs.detach().cpu().T.double(), full_matrices=False)
+#     share = (s**2).cumsum(0) / (s**2).sum()
+#     k = int((share < energy).sum()) + 1
+#     return u[:, :k].to(inputs.device, inputs.dtype)
+#
+# then the directions timed three ways, one edit of that code profiled, and the first configuration
+# again on commit 98840a0's code. The step alone-bf16-host-svd hit its 75 s limit in the untimed
+# counting edits after its JSON file was written. 2-directions.txt came from the direction_speed.py
+# of that call, whose "host svd" column was leading_directions (host SVD) and "device svd" the SVD on
+# the device: the same columns as the script's, at --positions 48,96,192.
 set -u
 out=${OUT:?OUT names the output folder}
 tok=${TOKENIZER:?TOKENIZER names the tokenizer folder}
@@ -36,13 +47,12 @@ step() {  # name, limit in seconds, edit_speed arguments...
     echo "pytest exit ${PIPESTATUS[0]}"
 } >"$out/checks.txt" 2>&1
 if [ "${CALL:-1}" = 2 ]; then
-    # Call 2: the protected directions' SVD on the host (leading_directions) and module_inputs
-    # without a boolean mask; the same configurations again on another freshly started machine.
+    # Call 2 (see above).
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/log.txt"
     step alone-bf16-host-svd 75 --dtype bfloat16 --methods ice-lora --warmup --edits 8
     step x32-bf16-host-svd 130 --dtype bfloat16 --methods ice-lora --warmup --edits 32 --edits-at-once 32 \
         --only-at-once
-    timeout 40 "$python" benchmarks/direction_speed.py --device cuda >"$out/directions.txt" 2>>"$out/log.txt"
+    timeout 40 "$python" benchmarks/direction_speed.py --device cuda --positions 48,96,192 >"$out/directions.txt" 2>>"$out/log.txt"
     (cd benchmarks && timeout 50 "$python" profile_edit.py --device cuda --tokenizer "../$tok" --shape gpt2-xl \
         --dtype bfloat16 --method ice-lora --rows 25 >"$out/profile.txt" 2>>"$out/log.txt")
     # The code before the change (BEFORE_PATH), same machine.
