@@ -6,9 +6,9 @@
 For inputs ``X`` [positions, features] on ``--device`` (random, with a decaying spectrum), the
 milliseconds until the directions are on that device, median of ``--repeats``:
 
-- ``host svd``: :func:`icelora.input_projection.leading_directions` on a host copy of ``X`` (the
+- ``host svd``: :func:`icelora.input_projection.svd_directions` on a host copy of ``X`` (the
   float64 SVD of ``X^T``), the directions copied back to the device;
-- ``device svd``: the same SVD in float64 on the device, ``k`` read from the device;
+- ``device svd``: ``svd_directions`` on the device, ``k`` read from the device;
 - ``gram eigh``: :func:`icelora.input_projection.gram_directions` (``X X^T`` [positions, positions]
   in float64 on the device, its eigendecomposition on the host, ``U = X^T V S^-1`` on the device;
   what ``leading_directions`` does off the CPU).
@@ -28,18 +28,11 @@ from collections.abc import Callable
 
 import torch
 
-from icelora.input_projection import gram_directions, leading_directions
+from icelora.input_projection import gram_directions, svd_directions
 
 
 def host_svd(inputs: torch.Tensor, energy: float) -> torch.Tensor:
-    return leading_directions(inputs.cpu(), energy).to(inputs.device)
-
-
-def device_svd(inputs: torch.Tensor, energy: float) -> torch.Tensor:
-    u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
-    share = (s**2).cumsum(0) / (s**2).sum()
-    k = int((share < energy).sum().item()) + 1
-    return u[:, :k].to(inputs.dtype)
+    return svd_directions(inputs.cpu(), energy).to(inputs.device)
 
 
 def timed(function: Callable[[torch.Tensor, float], torch.Tensor], inputs: torch.Tensor, energy: float,
@@ -72,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             scales = torch.logspace(0, -3, n)
             inputs = (torch.randn(p, n, generator=generator) * scales).to(args.device)
             host, u = timed(host_svd, inputs, args.energy, args.repeats)
-            on_device, u_device = timed(device_svd, inputs, args.energy, args.repeats)
+            on_device, u_device = timed(svd_directions, inputs, args.energy, args.repeats)
             gram, u_gram = timed(gram_directions, inputs, args.energy, args.repeats)
             projector = (u @ u.T).double()
             diffs = [((v @ v.T).double() - projector).abs().max().item() if v.shape == u.shape else float("nan")

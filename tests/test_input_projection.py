@@ -145,7 +145,7 @@ def test_module_inputs_read_nothing_back_from_the_device(tiny):
     with watch:
         module_inputs(editor.model, editor.params.base_modules(), rows, editor.tokenizer.pad_token_id)
     reads = {line: n for line, n in watch.lines.items() if "input_projection.py" in line}
-    # the positions are made on the host and copied once (the rows are, in pad_rows); nothing else
+    # the rows and their real positions are made on the host (pad_rows, PaddedBatch.real_positions); nothing else
     assert all(n == 1 for n in reads.values()) and len(reads) <= 2, reads
 
 

@@ -33,7 +33,7 @@ from icelora.config import LOCALITY_ANCHOR_KINDS
 from icelora.output_layer import output_layer_reads
 from icelora.request import EditRequest
 from icelora.sampling import decode_step
-from icelora.tokenization import pad_rows, to_device
+from icelora.tokenization import pad_rows
 
 ANCHOR_TEXTS = (
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -142,8 +142,7 @@ def greedy_teacher(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: i
         return AnchorTeacher(rows=[], log_probs=[])
     device = next(model.parameters()).device
     batch = pad_rows(rows, pad_id, side="left", device=device)
-    real = [(i, offset + k) for i, (offset, n) in enumerate(zip(batch.offsets, batch.lengths)) for k in range(n)]
-    real_rows, real_positions = to_device(torch.tensor(real, dtype=torch.long).T, device)
+    real_rows, real_positions = batch.real_positions(device)
     with output_layer_reads(model, lambda hidden: hidden[real_rows, real_positions][None]):  # none at the padding
         out = model(**batch.forward_kwargs(), use_cache=True)
     dtype = torch.promote_types(out.logits.dtype, torch.float32)

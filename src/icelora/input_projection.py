@@ -34,14 +34,10 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
     name -> [positions, in_features], in float32."""
     device = next(model.parameters()).device
     batch = pad_rows([tuple(r) for r in rows], pad_id, device=device)
-    width = batch.input_ids.shape[1]
-    # the real positions in the flattened batch, from the host's lengths: no read from the device
-    real = to_device(torch.tensor([i * width + offset + j for i, (offset, length)
-                                   in enumerate(zip(batch.offsets, batch.lengths)) for j in range(length)],
-                                  dtype=torch.long), device)
+    rows_at, positions_at = batch.real_positions(device)
     seen: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.__setitem__(name, args[0].flatten(0, 1).index_select(0, real).float()))
+        lambda _m, args, name=name: seen.__setitem__(name, args[0][rows_at, positions_at].float()))
         for name, module in modules.items()]
     try:
         model(**batch.forward_kwargs(), **forward_kwargs)
@@ -60,18 +56,17 @@ def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     """Orthonormal columns [in_features, k]: the fewest left singular vectors of ``inputs.T``
     ([positions, in_features] given) whose squared singular values hold ``energy`` of the total.
 
-    On the CPU, the float64 SVD of ``inputs.T``. On other devices :func:`gram_directions`, the same
-    subspace from a small eigendecomposition on the host, which took a third of the time of the
-    float64 SVD on an H200 (``benchmarks/direction_speed.py``,
+    On the CPU :func:`svd_directions`. On other devices :func:`gram_directions`, the same subspace
+    from a small eigendecomposition on the host, which took 0.3-0.4 of the time of the float64 SVD
+    on an H200 (``benchmarks/direction_speed.py``,
     ``benchmarks/results/cuda-h200-relation-anchors/2-directions.txt``)."""
-    if not 0 < energy < 1:
-        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
-    if inputs.device.type != "cpu":
-        return gram_directions(inputs, energy)
+    return (svd_directions if inputs.device.type == "cpu" else gram_directions)(inputs, energy)
+
+
+def svd_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
+    """:func:`leading_directions` from the float64 SVD of ``inputs.T``, on the device of ``inputs``."""
     u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
-    share = (s**2).cumsum(0) / (s**2).sum()
-    k = int((share < energy).sum().item()) + 1
-    return u[:, :k].to(inputs.dtype)
+    return u[:, :directions_kept(s**2, energy)].to(inputs.dtype)
 
 
 def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
@@ -81,21 +76,27 @@ def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     Gram matrix is formed on the device of ``inputs``, decomposed on the host (one copy, and ``k``
     read there), and the directions are formed back on the device. Where the last direction kept
     is too weak for ``S^-1`` to be accurate (its eigenvalue under :data:`GRAM_FLOOR` of the largest;
-    all-zero inputs too), the SVD of a host copy is taken instead."""
-    if not 0 < energy < 1:
-        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+    all-zero inputs too), :func:`svd_directions` of a host copy is taken instead."""
     x = inputs.double()
     tall = x.shape[0] >= x.shape[1]
     values, vectors = torch.linalg.eigh((x.T @ x if tall else x @ x.T).cpu())  # ascending
     values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-    share = values.cumsum(0) / values.sum()
-    k = int((share < energy).sum()) + 1
+    k = directions_kept(values, energy)
     if not values[k - 1] > GRAM_FLOOR * values[0]:
-        return leading_directions(inputs.detach().cpu(), energy).to(inputs.device)
+        return svd_directions(inputs.detach().cpu(), energy).to(inputs.device)
     if tall:
         return to_device(vectors[:, :k].contiguous(), x.device).to(inputs.dtype)
     scaled = to_device((vectors[:, :k] / values[:k].sqrt()).contiguous(), x.device)
     return (x.T @ scaled).to(inputs.dtype)
+
+
+def directions_kept(squares: torch.Tensor, energy: float) -> int:
+    """The fewest leading directions whose squared singular values (``squares``, descending) hold
+    ``energy`` of their sum."""
+    if not 0 < energy < 1:
+        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+    share = squares.cumsum(0) / squares.sum()
+    return int((share < energy).sum().item()) + 1
 
 
 @torch.no_grad()

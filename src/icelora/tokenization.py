@@ -111,6 +111,13 @@ class PaddedBatch:
             mask[i, self.offsets[i] + start: self.offsets[i] + end] = True
         return mask
 
+    def real_positions(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, positions) on ``device``: every real (unpadded) token, row by row, made from the
+        host's offsets and lengths, so indexing with them reads nothing back from the device."""
+        real = [(i, offset + k) for i, (offset, n) in enumerate(zip(self.offsets, self.lengths)) for k in range(n)]
+        rows, positions = to_device(torch.tensor(real, dtype=torch.long).reshape(-1, 2).T, device)
+        return rows, positions
+
     def forward_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``model(...)``."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
