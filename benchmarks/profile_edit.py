@@ -2,15 +2,18 @@
 
     python benchmarks/profile_edit.py --shape gpt2-xl --device cuda --dtype bfloat16 --tokenizer DIR
     python benchmarks/profile_edit.py --model smollm2-135m --method ice-lora
+    python benchmarks/profile_edit.py --shape gpt2-xl --device cuda --dtype bfloat16 --tokenizer DIR --edits-at-once 32
 
-The edit runs once untimed (first-call costs), then once under the profiler. Printed: the wall time
-and steps; each phase of the steps (the objective's passes, of which the sampling; the backward
-pass; the optimizer) with its host time and, on CUDA, the device time of the kernels it launched
-(the backward pass's kernels are launched by autograd's own thread, outside its range); the device's
-busy fraction (kernel time over wall time: far under 1 means the host, not the arithmetic, sets
-the pace) and the number of kernel launches per step; the work an edit does once (its anchors and,
-under ``lora_projection_energy``, the protected directions); then the operators with the most host time
-and, on CUDA, the most device time. ``--trace FILE`` also writes a Chrome trace.
+With ``--edits-at-once K``, K edits trained together (each in its own adapter) take the one edit's
+place, and the steps are the joint steps (the most any of them took). The edit runs once untimed
+(first-call costs), then once under the profiler. Printed: the wall time and steps; each phase of
+the steps (the objective's passes, of which the sampling; the backward pass; the optimizer) with its
+host time and, on CUDA, the device time of the kernels it launched (the backward pass's kernels are
+launched by autograd's own thread, outside its range); the device's busy fraction (kernel time over
+wall time: far under 1 means the host, not the arithmetic, sets the pace) and the number of kernel
+launches per step; the work an edit does once (its anchors and, under ``lora_projection_energy``,
+the protected directions); then the operators with the most host time and, on CUDA, the most device
+time. ``--trace FILE`` also writes a Chrome trace.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ import icelora.losses
 import icelora.sampling_graphs
 from icelora import ICELoRAEditor, load_model
 from icelora.errors import IceloraError
-from icelora.methods import METHODS
+from icelora.methods import METHOD_PRESETS, METHODS
 from icelora.models import EMBEDDED_MODEL
+from icelora.request import EditRequest
 from icelora.sampling_graphs import CUDA_GRAPHS_SETTINGS
 
 #: Host calls that launch a kernel.
@@ -52,7 +56,7 @@ PHASES = (
 EDIT_PHASES = (
     (icelora.icelora_editor.ICELoRAEditor, "anchor_teachers", "anchors"),
     (icelora.icelora_editor, "module_inputs", "protection inputs"),
-    (icelora.icelora_editor, "leading_directions", "protection directions"),
+    (icelora.icelora_editor, "leading_directions_each", "protection directions"),
 )
 
 
@@ -89,12 +93,26 @@ def device_time_us(event: Any, self_only: bool = False) -> float:
     return 0.0
 
 
+def edit_call(editor: ICELoRAEditor, requests: list[EditRequest]) -> int:
+    """Edit ``requests`` (one: :meth:`ICELoRAEditor.edit`; more: trained together, each in its own
+    adapter), then undo it; the steps taken (with several edits, the most any of them took)."""
+    if len(requests) == 1:
+        steps = editor.edit(requests[0], progress=False).steps
+        editor.revert()
+        return steps
+    with editor.edit_each(requests, progress=False, together=True) as edits:
+        return max(result.steps for result in edits.results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or folder (trained weights)")
     parser.add_argument("--shape", default=None, help=f"a randomly initialised model instead: {', '.join(SHAPES)}")
     parser.add_argument("--method", default="ice-lora")
     parser.add_argument("--edit", type=int, default=0, help="which benchmark edit (0-based)")
+    parser.add_argument("--edits-at-once", type=int, default=1,
+                        help="profile this many benchmark edits (from --edit on) trained together, each in "
+                             "its own adapter, instead of one")
     parser.add_argument("--steps", type=int, default=None, help="cap the edit at this many steps")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
@@ -111,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             raise IceloraError(f"unknown method {args.method!r}; choose from {list(METHODS)}")
         if args.shape is not None and args.shape not in SHAPES:
             raise IceloraError(f"unknown shape {args.shape!r}; choose from {list(SHAPES)}")
-        request = benchmark_requests(args.edit + 1)[args.edit]
+        if args.edits_at_once < 1:
+            raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
+        if args.edits_at_once > 1 and METHOD_PRESETS[args.method]["parameterization"] != "lora":
+            raise IceloraError(f"--edits-at-once needs a LoRA method; {args.method!r} trains full matrices")
+        requests = benchmark_requests(args.edit + args.edits_at_once)[args.edit:]
         if args.shape:
             loaded = random_model(args.shape, args.device, args.dtype, load_tokenizer(args.tokenizer))
         else:
@@ -123,20 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     editor.cuda_graphs = CUDA_GRAPHS_SETTINGS[args.cuda_graphs]
     device = next(editor.model.parameters()).device
     cuda = device.type == "cuda"
-    editor.edit(request, progress=False)  # untimed: first-call costs
-    editor.revert()
+    edit_call(editor, requests)  # untimed: first-call costs
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with phase_ranges(), profile(activities=activities) as prof:
         start = time.perf_counter()
-        result = editor.edit(request, progress=False)
+        steps_taken = edit_call(editor, requests)
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    editor.revert()
     events = prof.key_averages()
-    steps = max(result.steps, 1)
-    print(f"{args.method} on {args.shape or args.model} ({device}, {next(editor.model.parameters()).dtype}): "
-          f"{wall:.3f} s under the profiler, {result.steps} steps, {wall / steps * 1e3:.1f} ms per step")
+    steps = max(steps_taken, 1)
+    together = f", {len(requests)} edits trained together" if len(requests) > 1 else ""
+    print(f"{args.method} on {args.shape or args.model} ({device}, {next(editor.model.parameters()).dtype}"
+          f"{together}): {wall:.3f} s under the profiler, {steps_taken} steps, {wall / steps * 1e3:.1f} ms per step")
     print(f"{'phase':<12} {'host ms/step':>13} {'device ms/step':>15}")
     host_side = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     by_name = {e.key: e for e in host_side}  # a range also has a device-side twin of the same name
@@ -145,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if event is not None:
             host, on_device = event.cpu_time_total / 1e3 / steps, device_time_us(event) / 1e3 / steps
             print(f"{name:<12} {host:>13.1f} {on_device:>15.1f}")
-    print(f"{'once per edit':<22} {'host ms':>8} {'device ms':>10}")
+    print(f"{'once per edit call':<22} {'host ms':>8} {'device ms':>10}")
     for name in dict.fromkeys(name for _, _, name in EDIT_PHASES):
         event = by_name.get(name)
         if event is not None:

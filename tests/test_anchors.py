@@ -250,6 +250,32 @@ def test_relation_anchors_ask_the_subjects_other_relations(tiny):
     assert teachers[0].rows == rows
 
 
+@pytest.mark.parametrize("kind", ["relation", "subject"])
+def test_independent_anchors_come_from_one_batched_pass(tiny, kind, monkeypatch):
+    """An independent plan's anchors: one greedy decode for all its requests (not one per request),
+    each request's set the rows it gets alone and their distributions up to rounding; a request
+    without a subject, or whose prompt names every relation, gets the general anchors."""
+    import icelora.anchors as anchor_module
+
+    pad = tiny.tokenizer.pad_token_id
+    every = " ".join(SUBJECT_RELATIONS) + " of Epaspidoceras?"
+    requests = [*SUBJECT_REQUESTS, EditRequest(prompt=every, target="Noctuidae", subject="Epaspidoceras")]
+    alone = [anchor_teachers(tiny.model, tiny.tokenizer, pad, kind, [r], independent=True)[0] for r in requests]
+    calls = []
+    greedy = anchor_module.greedy_teacher
+    monkeypatch.setattr(anchor_module, "greedy_teacher",
+                        lambda model, prompts, *args: calls.append(len(prompts)) or greedy(model, prompts, *args))
+    each = anchor_teachers(tiny.model, tiny.tokenizer, pad, kind, requests, independent=True)
+    assert calls == [sum(len(t.rows) for t in alone[:2]) + (len(alone[3].rows) if kind == "subject" else 0)]
+    assert len(each) == len(requests)
+    general = anchor_teacher(tiny.model, tiny.tokenizer, pad).rows
+    assert each[2].rows == general and (each[3].rows == general) == (kind == "relation")
+    for mine, theirs in zip(each, alone):
+        assert mine.rows == theirs.rows
+        for a, b in zip(mine.log_probs, theirs.log_probs):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_a_prompt_naming_every_relation_gets_the_general_anchors(tiny):
     prompt = " ".join(SUBJECT_RELATIONS) + " of Epaspidoceras?"
     assert relations_apart_from(prompt) == []

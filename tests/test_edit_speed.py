@@ -108,3 +108,19 @@ def test_profile_of_one_edit_names_its_phases(tiny_llama_folder, tmp_path, capsy
     import icelora.losses
     assert not hasattr(icelora.losses.Objective.__call__, "__wrapped__")  # the ranges are taken out again
     assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "nope"]) == 2
+
+
+def test_profile_of_edits_trained_together_names_the_once_per_call_work(tiny_llama_folder, capsys):
+    import profile_edit
+
+    assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "ice-lora", "--steps", "2", "--rows", "5",
+                              "--edits-at-once", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 edits trained together" in out and "2 steps" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("once per edit call"))
+    once = {line.rsplit(None, 2)[0]: float(line.split()[-2]) for line in lines[header + 1: header + 4]}
+    assert set(once) == {"anchors", "protection inputs", "protection directions"}
+    assert all(ms > 0 for ms in once.values())
+    assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "ice", "--edits-at-once", "2"]) == 2
+    assert "needs a LoRA method" in capsys.readouterr().err

@@ -9,7 +9,14 @@ from icelora import ICELoRAEditor
 from icelora.anchors import relation_anchors
 from icelora.config import EditConfig
 from icelora.errors import InvalidConfigError
-from icelora.input_projection import gram_directions, leading_directions, module_inputs, project_off
+from icelora.input_projection import (
+    gram_directions,
+    gram_directions_each,
+    leading_directions,
+    leading_directions_each,
+    module_inputs,
+    project_off,
+)
 from icelora.lora_utils import lora_layers
 from icelora.request import EditRequest
 from tests.conftest import TINY_BUILDERS
@@ -72,6 +79,25 @@ def test_gram_directions_stay_finite_where_the_inputs_are_degenerate(positions):
         assert torch.allclose(directions.T @ directions, torch.eye(directions.shape[1]), atol=1e-5)
 
 
+def test_gram_directions_of_several_inputs_at_once_are_each_ones_own(monkeypatch):
+    """Several adapters' inputs of one module decomposed together (fewer and more positions than
+    features, zero-padded Gram matrices, an all-zero input handed to the SVD): each gets the
+    directions it gets alone, and the host decomposes each group in one call."""
+    inputs = [_decaying_inputs(p, 48, seed=p) for p in (10, 30, 17, 60, 48)] + [torch.zeros(12, 48)]
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(tuple(a.shape)) or eigh(a))
+    for energy in (0.5, 0.9, 0.98):
+        calls.clear()
+        together = gram_directions_each(inputs, energy)
+        assert calls == [(4, 30, 30), (2, 48, 48)]  # the four with fewer positions padded to 30; the rest
+        for x, mine, each in zip(inputs, together, leading_directions_each(inputs, energy)):
+            assert mine.shape == each.shape and mine.isfinite().all()
+            assert torch.allclose(mine @ mine.T, each @ each.T, atol=1e-5)
+            assert torch.allclose(mine @ mine.T, gram_directions(x, energy) @ gram_directions(x, energy).T, atol=1e-6)
+    assert gram_directions_each([], 0.9) == [] == leading_directions_each([], 0.9)
+
+
 @pytest.mark.slow
 def test_gram_directions_match_the_svd_on_the_embedded_models_anchor_inputs(embedded):
     """On real inputs (every edited module of the embedded model, over the relation anchors of a
@@ -88,17 +114,21 @@ def test_gram_directions_match_the_svd_on_the_embedded_models_anchor_inputs(embe
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_directions_come_from_the_gram_route_and_match_the_cpu(monkeypatch):
+    """One input and several (fewer and more positions than features) at once."""
     import icelora.input_projection
 
     calls = []
-    gram = icelora.input_projection.gram_directions
-    monkeypatch.setattr(icelora.input_projection, "gram_directions", lambda *a: calls.append(1) or gram(*a))
-    inputs = _decaying_inputs(120, 256, seed=3)
-    on_cpu = leading_directions(inputs, 0.98)
+    gram = icelora.input_projection.gram_directions_each
+    monkeypatch.setattr(icelora.input_projection, "gram_directions_each", lambda *a: calls.append(1) or gram(*a))
+    inputs = [_decaying_inputs(p, 256, seed=p) for p in (120, 40, 300)]
+    on_cpu = leading_directions_each(inputs, 0.98)
     assert not calls
-    on_cuda = leading_directions(inputs.cuda(), 0.98)
-    assert calls and on_cuda.is_cuda and on_cuda.shape == on_cpu.shape
-    assert torch.allclose(on_cuda.cpu() @ on_cuda.cpu().T, on_cpu @ on_cpu.T, atol=1e-5)
+    assert torch.equal(leading_directions(inputs[0], 0.98), on_cpu[0])
+    on_cuda = [leading_directions(inputs[0].cuda(), 0.98), *leading_directions_each([x.cuda() for x in inputs], 0.98)]
+    assert len(calls) == 2
+    for mine, theirs in zip(on_cuda, [on_cpu[0], *on_cpu]):
+        assert mine.is_cuda and mine.shape == theirs.shape
+        assert torch.allclose(mine.cpu() @ mine.cpu().T, theirs @ theirs.T, atol=1e-5)
 
 
 def test_project_off_makes_the_rows_orthogonal_to_the_directions():

@@ -182,6 +182,42 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     assert not any(".edit_" in n for n, _ in editor.model.named_parameters())
 
 
+def test_separate_adapters_protected_directions_come_from_one_forward_pass(monkeypatch):
+    """Edits trained together under the null-space constraint: every adapter's anchor inputs come
+    from one forward pass with each anchor row routed to its own adapter, and give each adapter the
+    directions that a pass over its own anchors alone gives."""
+    import icelora.icelora_editor as editor_module
+    from icelora.input_projection import leading_directions, module_inputs
+
+    loaded = tiny_gpt2()
+    loaded.model.double()
+    requests = [replace(REQUESTS[0], subject="The Eiffel Tower"), replace(REQUESTS[1], subject="Danielle Darrieux"),
+                REQUESTS[2]]
+    editor = ICELoRAEditor(loaded, method="ice-lora", **{**SETTINGS, "max_steps": 1}, lambda_locality=0.5,
+                           locality_anchor_kind="relation", lora_projection_energy=0.8)
+    passes, protected = [], {}
+    monkeypatch.setattr(editor_module, "module_inputs",
+                        lambda *args, **kwargs: passes.append(kwargs) or module_inputs(*args, **kwargs))
+    protect = editor.params.protect
+    monkeypatch.setattr(editor.params, "protect", lambda directions, adapter, **options: (
+        protected.__setitem__(adapter, directions) if directions else None) or protect(directions, adapter, **options))
+    with editor.edit_each(requests, progress=False, together=True) as edits:
+        plan = build_plan(editor.tokenizer, requests, editor.config, independent=True, adapter_names=edits.adapters)
+        with editor.unedited():
+            teachers = editor.anchor_teachers(plan)
+    assert len(passes) == 1
+    assert passes[0]["adapter_names"] == [a for a, t in zip(edits.adapters, teachers) for _ in t.rows]
+    assert len({len(t.rows) for t in teachers}) > 1  # the anchor sets differ in size
+    for adapter, teacher in zip(edits.adapters, teachers):
+        alone = module_inputs(editor.model, editor.params.base_modules(), teacher.rows,
+                              editor.tokenizer.pad_token_id)  # the adapters are gone: the unedited model
+        assert protected[adapter].keys() == alone.keys()
+        for name, inputs in alone.items():
+            u, v = protected[adapter][name], leading_directions(inputs, 0.8)
+            assert u.shape == v.shape, name
+            assert torch.allclose(u @ u.T, v @ v.T, atol=1e-8), name
+
+
 def test_edit_each_needs_a_lora_method():
     editor = ICELoRAEditor(tiny_gpt2(), method="ft-m", max_steps=1)
     with pytest.raises(InvalidConfigError, match="LoRA"), editor.edit_each(REQUESTS[:2], progress=False):

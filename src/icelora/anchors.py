@@ -201,6 +201,30 @@ def request_anchors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id
     return subject_anchors(model, tokenizer, pad_id, [r.subject for r in requests if r.subject])
 
 
+def anchors_of_request(kind: str, request: EditRequest) -> int:
+    """How many ``relation`` or ``subject`` anchor rows :func:`request_anchors` makes for ``request``."""
+    if not request.subject:
+        return 0
+    if kind == "relation":
+        return len(relations_apart_from(request.prompt)) * len(RELATION_TEMPLATES)
+    return len(SUBJECT_TEMPLATES)
+
+
+def request_anchors_each(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
+                         requests: Sequence[EditRequest]) -> list[AnchorTeacher]:
+    """Each request's own ``relation`` or ``subject`` anchors (none without a subject), all made in
+    one :func:`request_anchors` call: one batched greedy decode, not one per request."""
+    made = request_anchors(model, tokenizer, pad_id, kind, requests)
+    counts = [anchors_of_request(kind, r) for r in requests]
+    if sum(counts) != len(made.rows):
+        raise ValueError(f"{len(made.rows)} anchor rows made for {len(requests)} request(s), {sum(counts)} expected")
+    each, start = [], 0
+    for count in counts:
+        each.append(AnchorTeacher(rows=made.rows[start: start + count], log_probs=made.log_probs[start: start + count]))
+        start += count
+    return each
+
+
 def joined(teachers: Sequence[AnchorTeacher]) -> AnchorTeacher:
     """One anchor set holding the rows of ``teachers`` in turn."""
     return AnchorTeacher(rows=[row for t in teachers for row in t.rows],
@@ -209,27 +233,33 @@ def joined(teachers: Sequence[AnchorTeacher]) -> AnchorTeacher:
 
 def anchor_teachers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pad_id: int, kind: str,
                     requests: Sequence[EditRequest], independent: bool,
-                    teacher_of: Callable[[Sequence[EditRequest]], AnchorTeacher] | None = None
+                    teachers_of: Callable[[Sequence[EditRequest]], list[AnchorTeacher]] | None = None
                     ) -> list[AnchorTeacher]:
     """The anchors of one edit call with the model as it is before the edit.
 
     ``general``: one set shared by every request. ``subject`` and ``relation``: for an independent
-    plan one set per request (its own subject's anchors), else one set with every request's.
-    ``teacher_of``: makes the anchors of some requests, all with a subject (keeping their rows
-    too, say); by default :func:`request_anchors` with ``model``.
+    plan one set per request (its own subject's anchors), else one set with every request's; either
+    way every request's anchors come from one batched pass. A request (or a joint plan) left with
+    no anchor rows (no subject, or under relation anchors every relation named by its prompt) gets
+    the general anchors. ``teachers_of``: makes each of some requests' anchors, all with a subject
+    (keeping their rows too, say); by default :func:`request_anchors_each` with ``model``.
     """
-    make = teacher_of or (lambda group: request_anchors(model, tokenizer, pad_id, kind, group))
+    make = teachers_of or (lambda group: request_anchors_each(model, tokenizer, pad_id, kind, group))
     if kind not in LOCALITY_ANCHOR_KINDS:
         raise ValueError(f"unknown anchor kind {kind!r}; choose from {list(LOCALITY_ANCHOR_KINDS)}")
     if kind == "general":
         return [anchor_teacher(model, tokenizer, pad_id)]
-    groups = [[r] for r in requests] if independent else [list(requests)]
+    with_subject = [r for r in requests if r.subject]
+    made = iter(make(with_subject) if with_subject else [])
+    own = [next(made) if r.subject else joined([]) for r in requests]
+    sets = own if independent else [joined(own)]
+    general: AnchorTeacher | None = None
     teachers = []
-    for group in groups:
-        with_subject = [r for r in group if r.subject]
-        teacher = make(with_subject) if with_subject else joined([])
-        # no subject (or, under relation anchors, every relation named by the prompt): the general anchors
-        teachers.append(teacher if teacher.rows else anchor_teacher(model, tokenizer, pad_id))
+    for teacher in sets:
+        if not teacher.rows:
+            general = general or anchor_teacher(model, tokenizer, pad_id)
+            teacher = general
+        teachers.append(teacher)
     return teachers
 
 

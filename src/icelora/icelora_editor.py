@@ -19,7 +19,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from icelora import __version__
-from icelora.anchors import AnchorTeacher, anchor_teachers, joined, request_anchors, teacher_from_rows
+from icelora.anchors import AnchorTeacher, anchor_teachers, request_anchors_each, teacher_from_rows
 from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
@@ -30,7 +30,7 @@ from icelora.architecture import (
 from icelora.config import EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
-from icelora.input_projection import leading_directions, module_inputs
+from icelora.input_projection import leading_directions_each, module_inputs
 from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
@@ -301,13 +301,11 @@ class ICELoRAEditor:
         if energy is None or not teachers or not isinstance(self.params, LoraParameterization):
             yield
             return
-        modules = self.params.base_modules()
+        own = [teachers[k] if len(teachers) > 1 else teachers[0] for k in range(len(adapters))]
+        inputs = self._anchor_inputs(own, adapters, on_unedited)  # module -> each adapter's inputs
+        directions = {name: leading_directions_each(each, energy) for name, each in inputs.items()}
         for k, adapter in enumerate(adapters):
-            teacher = teachers[k] if len(teachers) > 1 else teachers[0]
-            route = {} if adapter == ADAPTER_NAME else {"adapter_names": [adapter] * len(teacher.rows)}
-            with self.unedited() if on_unedited else contextlib.nullcontext():
-                inputs = module_inputs(self.model, modules, teacher.rows, self.tokenizer.pad_token_id, **route)
-            self.params.protect({name: leading_directions(x, energy) for name, x in inputs.items()}, adapter,
+            self.params.protect({name: each[k] for name, each in directions.items()}, adapter,
                                 keep_learned=self.config.lora_projection_scope == "edit" and not resumed,
                                 at_once=not resumed)
         try:
@@ -315,6 +313,20 @@ class ICELoRAEditor:
         finally:
             for adapter in adapters:
                 self.params.protect(None, adapter)
+
+    def _anchor_inputs(self, teachers: list[AnchorTeacher], adapters: list[str],
+                       on_unedited: bool) -> dict[str, list[torch.Tensor]]:
+        """Module -> what it receives at the real positions of each adapter's teacher's anchors, on
+        the model as that adapter sees it (the main adapter: the model as it is; a separate one:
+        its rows routed to it), in the order of ``adapters``, all from one forward pass."""
+        rows = [row for teacher in teachers for row in teacher.rows]
+        route = {} if adapters == [ADAPTER_NAME] else {
+            "adapter_names": [adapter for adapter, teacher in zip(adapters, teachers) for _ in teacher.rows]}
+        with self.unedited() if on_unedited else contextlib.nullcontext():
+            inputs = module_inputs(self.model, self.params.base_modules(), rows, self.tokenizer.pad_token_id,
+                                   **route)
+        positions = [sum(len(row) for row in teacher.rows) for teacher in teachers]
+        return {name: list(x.split(positions)) for name, x in inputs.items()}
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
         """The unedited model's distributions on the locality anchors of ``plan``'s requests, for
@@ -330,19 +342,16 @@ class ICELoRAEditor:
         prompt too (the relations it names are left out)."""
         return request.subject, request.prompt if self.config.locality_anchor_kind == "relation" else None
 
-    def _unedited_anchors(self, requests: Sequence[EditRequest], plan: EditPlan) -> AnchorTeacher:
-        """The anchors of ``requests`` (those with a subject) with the unedited model's distributions
-        on them, from the passes that make them (call under :meth:`unedited`). Made afresh for every
-        edit, so that they do not depend on what was edited before (a resumed run gets the same
-        numbers); their rows are kept for when the edit is replayed."""
-        return joined([self._make_anchors(r, plan) for r in requests if r.subject])
-
-    def _make_anchors(self, request: EditRequest, plan: EditPlan) -> AnchorTeacher:
-        """``request``'s anchors made by the model as it is (relation anchors under
-        ``locality_anchor_kind`` relation, subject anchors otherwise); their rows are kept."""
+    def _unedited_anchors(self, requests: Sequence[EditRequest], plan: EditPlan) -> list[AnchorTeacher]:
+        """Each of ``requests``' anchors (all with a subject; relation anchors under
+        ``locality_anchor_kind`` relation, subject anchors otherwise) with the unedited model's
+        distributions on them, from one batched pass (call under :meth:`unedited`). Made afresh for
+        every edit, so that they do not depend on what was edited before (a resumed run gets the
+        same numbers); their rows are kept for when the edit is replayed."""
         kind = "relation" if self.config.locality_anchor_kind == "relation" else "subject"
-        made = request_anchors(self.model, self.tokenizer, plan.pad_id, kind, [request])
-        self._anchor_rows[self._anchor_key(request)] = made.rows
+        made = request_anchors_each(self.model, self.tokenizer, plan.pad_id, kind, requests)
+        for request, teacher in zip(requests, made):
+            self._anchor_rows[self._anchor_key(request)] = teacher.rows
         return made
 
     def replay_anchors(self, plan: EditPlan) -> ReplayAnchors | None:
@@ -356,8 +365,7 @@ class ICELoRAEditor:
         missing = [r for r in plan.requests if r.subject and self._anchor_key(r) not in self._anchor_rows]
         if missing:
             with self.unedited(), autocast(self.model, self.config):
-                for request in missing:
-                    self._make_anchors(request, plan)
+                self._unedited_anchors(missing, plan)
 
         def teacher(rows: AnchorRows) -> AnchorTeacher:
             with self.unedited(), autocast(self.model, self.config):  # as the student will see them

@@ -60,7 +60,16 @@ def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     from a small eigendecomposition on the host, which took 0.3-0.4 of the time of the float64 SVD
     on an H200 (``benchmarks/direction_speed.py``,
     ``benchmarks/results/cuda-h200-relation-anchors/2-directions.txt``)."""
-    return (svd_directions if inputs.device.type == "cpu" else gram_directions)(inputs, energy)
+    return leading_directions_each([inputs], energy)[0]
+
+
+def leading_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> list[torch.Tensor]:
+    """:func:`leading_directions` of each of ``inputs`` (one module's inputs for several adapters,
+    all on one device, of one width); off the CPU through :func:`gram_directions_each`, which
+    decomposes them all in one batched call on the host."""
+    if inputs and inputs[0].device.type != "cpu":
+        return gram_directions_each(inputs, energy)
+    return [svd_directions(x, energy) for x in inputs]
 
 
 def svd_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
@@ -77,17 +86,41 @@ def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     read there), and the directions are formed back on the device. Where the last direction kept
     is too weak for ``S^-1`` to be accurate (its eigenvalue under :data:`GRAM_FLOOR` of the largest;
     all-zero inputs too), :func:`svd_directions` of a host copy is taken instead."""
-    x = inputs.double()
-    tall = x.shape[0] >= x.shape[1]
-    values, vectors = torch.linalg.eigh((x.T @ x if tall else x @ x.T).cpu())  # ascending
-    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-    k = directions_kept(values, energy)
-    if not values[k - 1] > GRAM_FLOOR * values[0]:
-        return svd_directions(inputs.detach().cpu(), energy).to(inputs.device)
-    if tall:
-        return to_device(vectors[:, :k].contiguous(), x.device).to(inputs.dtype)
-    scaled = to_device((vectors[:, :k] / values[:k].sqrt()).contiguous(), x.device)
-    return (x.T @ scaled).to(inputs.dtype)
+    return gram_directions_each([inputs], energy)[0]
+
+
+def gram_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> list[torch.Tensor]:
+    """:func:`gram_directions` of each of ``inputs`` (all on one device, of one width ``n``), with
+    one host copy and one batched eigendecomposition for those with fewer positions than ``n``
+    and one for the rest. Within the first group each ``X X^T`` is zero-padded to the group's most
+    positions: a zero row of ``X`` adds a zero eigenvalue and leaves the others and their
+    eigenvectors (zero on the padding) as they were."""
+    directions: list[torch.Tensor | None] = [None] * len(inputs)
+    wide = [i for i, x in enumerate(inputs) if x.shape[0] < x.shape[1]]
+    tall = [i for i, x in enumerate(inputs) if x.shape[0] >= x.shape[1]]
+    for group, is_tall in ((wide, False), (tall, True)):
+        if not group:
+            continue
+        xs = [inputs[i].double() for i in group]
+        side = xs[0].shape[1] if is_tall else max(x.shape[0] for x in xs)
+        grams = xs[0].new_zeros(len(xs), side, side)
+        for gram, x in zip(grams, xs):
+            if is_tall:
+                gram.copy_(x.T @ x)
+            else:
+                gram[: x.shape[0], : x.shape[0]] = x @ x.T
+        values, vectors = torch.linalg.eigh(grams.cpu())  # ascending
+        values, vectors = values.flip(-1).clamp(min=0), vectors.flip(-1)
+        for i, x, value, vector in zip(group, xs, values, vectors):
+            k = directions_kept(value, energy)
+            if not value[k - 1] > GRAM_FLOOR * value[0]:
+                directions[i] = svd_directions(inputs[i].detach().cpu(), energy).to(inputs[i].device)
+            elif is_tall:
+                directions[i] = to_device(vector[:, :k].contiguous(), x.device).to(inputs[i].dtype)
+            else:
+                scaled = to_device((vector[: x.shape[0], :k] / value[:k].sqrt()).contiguous(), x.device)
+                directions[i] = (x.T @ scaled).to(inputs[i].dtype)
+    return directions  # type: ignore[return-value]
 
 
 def directions_kept(squares: torch.Tensor, energy: float) -> int:
