@@ -213,8 +213,11 @@ def test_each_subjects_anchor_rows_are_made_once(tiny, monkeypatch):
     assert made == [[r.subject] for r in requests]
 
 
-def test_relation_anchors_are_replayed_as_relation_anchors(tiny, monkeypatch):
-    made = []
+def _relation_anchor_editor(tiny, monkeypatch) -> tuple[ICELoRAEditor, list, list[list[str]], list]:
+    """An editor with relation anchors and their replay; the earlier requests with a subject,
+    each one's anchor rows made alone by the unedited model, and the list each call of
+    ``relation_anchors`` appends its requests' prompts to from now on."""
+    made: list[list[str]] = []
     make = anchor_module.relation_anchors
     monkeypatch.setattr(anchor_module, "relation_anchors",
                         lambda model, tokenizer, pad_id, requests: made.append([r.prompt for r in requests])
@@ -222,10 +225,31 @@ def test_relation_anchors_are_replayed_as_relation_anchors(tiny, monkeypatch):
     editor = ICELoRAEditor(tiny, method="lora", layers=[0, 1, 2], max_steps=2, lambda_locality=1.0,
                            locality_anchor_kind="relation", replay_edits=2, replay_anchors=1)
     earlier = [r for r in EARLIER if r.subject]
-    plan = build_plan(editor.tokenizer, earlier, editor.config)
+    pad_id = build_plan(editor.tokenizer, earlier, editor.config).pad_id
     with torch.no_grad():
-        before = [make(editor.model, editor.tokenizer, plan.pad_id, [r]).rows for r in earlier]
+        alone = [make(editor.model, editor.tokenizer, pad_id, [r]).rows for r in earlier]
+    return editor, earlier, made, alone
+
+
+def test_relation_anchors_are_replayed_as_relation_anchors(tiny, monkeypatch):
+    editor, earlier, made, before = _relation_anchor_editor(tiny, monkeypatch)
+    plan = build_plan(editor.tokenizer, earlier, editor.config)
     for request in [*earlier, NEW]:  # each edit's own anchors, then the same rows when it is replayed
         editor.edit(request, progress=False)
     assert made == [[r.prompt] for r in [*earlier, NEW]]
     assert editor.replay_anchors(plan).rows == before  # made by the unedited model, once per edit
+
+
+def test_kept_anchor_rows_are_each_requests_own_and_made_again_one_request_at_a_time(tiny, monkeypatch):
+    """A joint edit of several requests keeps for each the rows it gets alone (one decode per
+    request, whatever else shares the call); an editor that has lost them (a run resumed from its
+    ledger) makes them again one request at a time, the same rows."""
+    editor, earlier, made, alone = _relation_anchor_editor(tiny, monkeypatch)
+    plan = build_plan(editor.tokenizer, earlier, editor.config)
+    editor.edit(earlier, progress=False)  # one joint edit
+    assert made == [[r.prompt] for r in earlier]
+    assert editor.replay_anchors(plan).rows == alone
+    editor._anchor_rows.clear()
+    made.clear()
+    assert editor.replay_anchors(plan).rows == alone
+    assert made == [[r.prompt] for r in earlier]

@@ -218,7 +218,8 @@ def request_anchors_each(model: nn.Module, tokenizer: PreTrainedTokenizerBase, p
     counts = [anchors_of_request(kind, r) for r in requests]
     if sum(counts) != len(made.rows):
         raise ValueError(f"{len(made.rows)} anchor rows made for {len(requests)} request(s), {sum(counts)} expected")
-    each, start = [], 0
+    each: list[AnchorTeacher] = []
+    start = 0
     for count in counts:
         each.append(AnchorTeacher(rows=made.rows[start: start + count], log_probs=made.log_probs[start: start + count]))
         start += count

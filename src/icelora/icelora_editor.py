@@ -304,6 +304,7 @@ class ICELoRAEditor:
         own = [teachers[k] if len(teachers) > 1 else teachers[0] for k in range(len(adapters))]
         inputs = self._anchor_inputs(own, adapters, on_unedited)  # module -> each adapter's inputs
         directions = {name: leading_directions_each(each, energy) for name, each in inputs.items()}
+        del inputs  # not held while the edits train
         for k, adapter in enumerate(adapters):
             self.params.protect({name: each[k] for name, each in directions.items()}, adapter,
                                 keep_learned=self.config.lora_projection_scope == "edit" and not resumed,
@@ -345,11 +346,16 @@ class ICELoRAEditor:
     def _unedited_anchors(self, requests: Sequence[EditRequest], plan: EditPlan) -> list[AnchorTeacher]:
         """Each of ``requests``' anchors (all with a subject; relation anchors under
         ``locality_anchor_kind`` relation, subject anchors otherwise) with the unedited model's
-        distributions on them, from one batched pass (call under :meth:`unedited`). Made afresh for
-        every edit, so that they do not depend on what was edited before (a resumed run gets the
-        same numbers); their rows are kept for when the edit is replayed."""
+        distributions on them (call under :meth:`unedited`). Made afresh for every edit, so that
+        they do not depend on what was edited before. For an independent plan (edits each in its
+        own adapter, which no ledger keeps) all in one batched decode. Otherwise one decode per
+        request, and the rows are kept for when the edit is replayed: they then do not depend on
+        which other requests shared the call, and a run resumed from its ledger
+        (:meth:`replay_anchors`) makes the same rows again."""
         kind = "relation" if self.config.locality_anchor_kind == "relation" else "subject"
-        made = request_anchors_each(self.model, self.tokenizer, plan.pad_id, kind, requests)
+        if plan.independent:
+            return request_anchors_each(self.model, self.tokenizer, plan.pad_id, kind, requests)
+        made = [request_anchors_each(self.model, self.tokenizer, plan.pad_id, kind, [r])[0] for r in requests]
         for request, teacher in zip(requests, made):
             self._anchor_rows[self._anchor_key(request)] = teacher.rows
         return made

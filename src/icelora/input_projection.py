@@ -95,7 +95,7 @@ def gram_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> list[
     and one for the rest. Within the first group each ``X X^T`` is zero-padded to the group's most
     positions: a zero row of ``X`` adds a zero eigenvalue and leaves the others and their
     eigenvectors (zero on the padding) as they were."""
-    directions: list[torch.Tensor | None] = [None] * len(inputs)
+    directions: dict[int, torch.Tensor] = {}
     wide = [i for i, x in enumerate(inputs) if x.shape[0] < x.shape[1]]
     tall = [i for i, x in enumerate(inputs) if x.shape[0] >= x.shape[1]]
     for group, is_tall in ((wide, False), (tall, True)):
@@ -120,7 +120,7 @@ def gram_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> list[
             else:
                 scaled = to_device((vector[: x.shape[0], :k] / value[:k].sqrt()).contiguous(), x.device)
                 directions[i] = (x.T @ scaled).to(inputs[i].dtype)
-    return directions  # type: ignore[return-value]
+    return [directions[i] for i in range(len(inputs))]
 
 
 def directions_kept(squares: torch.Tensor, energy: float) -> int:
