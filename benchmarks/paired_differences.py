@@ -1,6 +1,6 @@
 """Paired differences between two runs on the records both finished: mean and standard error.
 
-    python benchmarks/paired_differences.py BASE_RUN OTHER_RUN [--criterion]
+    python benchmarks/paired_differences.py BASE_RUN OTHER_RUN [--criterion] [--records asking|other]
 
 Each run is an ``icelora eval`` output folder (its ``cases.jsonl``). For every per-case metric,
 the difference OTHER - BASE is taken record by record (records matched by their index; a record
@@ -11,17 +11,22 @@ differ far less per record than the records differ from each other, so this is t
 ``--criterion`` adds the tuning criterion of ``reports/tuning.md`` per record: the mean of the
 record's rephrase, portability and locality (those it has). A second table gives each run's mean
 on the same records, and its fluency_ratio there (mean fluency over mean unedited fluency), so
-that runs still in progress can be compared on the records they share.
+that runs still in progress can be compared on the records they share. ``--records asking`` keeps
+only the records whose locality prompts ask the edited fact (``icelora.evaluation.locality_conflicts``;
+found in BASE_RUN's data file), ``--records other`` only the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from icelora.evaluation.runner import CASES_FILE, read_cases
+from icelora.evaluation.locality_conflicts import records_asking_edited_fact
+from icelora.evaluation.report_data import RunSummary
+from icelora.evaluation.runner import CASES_FILE, RUN_FILE, read_cases
 
 METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match", "steps")
 CRITERION_PARTS = ("rephrase", "portability", "locality")
@@ -90,19 +95,39 @@ def shared_means(base: dict[int, dict], other: dict[int, dict],
     return out
 
 
+def select_records(folder: Path, which: str, *runs: dict[int, dict]) -> list[dict[int, dict]]:
+    """The runs' cases restricted to the records of ``folder``'s data file whose locality prompts ask the
+    edited fact (``which="asking"``) or to the others (``"other"``); unchanged for ``"all"``."""
+    if which == "all":
+        return list(runs)
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        raise SystemExit(f"{folder}: no {RUN_FILE}, so its data file is unknown and its records cannot be split")
+    asking = records_asking_edited_fact(RunSummary(folder=folder, run=json.loads(run_file.read_text()),
+                                                   metrics={}, cases=[]))
+    if asking is None:
+        raise SystemExit(f"{folder}: its data file was not found, so its records cannot be split")
+    keep = (lambda i: i in asking) if which == "asking" else (lambda i: i not in asking)
+    return [{i: c for i, c in run.items() if keep(i)} for run in runs]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
     parser.add_argument("other", type=Path)
     parser.add_argument("--criterion", action="store_true", help="add the tuning criterion per record")
+    parser.add_argument("--records", choices=("all", "asking", "other"), default="all",
+                        help="only the records whose locality prompts ask the edited fact, or only the others")
     args = parser.parse_args(argv)
-    base, other = load_cases(args.base), load_cases(args.other)
+    base, other = select_records(args.base, args.records, load_cases(args.base), load_cases(args.other))
     if args.criterion:
         base, other = with_criterion(base), with_criterion(other)
     rows = paired_differences(base, other, (*METRICS, "criterion") if args.criterion else METRICS)
     if not rows:
         raise SystemExit(f"{args.base} and {args.other} share no finished record")
-    print(f"{args.other.name} - {args.base.name}, paired on shared records (mean ± standard error):")
+    chosen = {"all": "", "asking": ", records asking the edited fact", "other": ", records not asking the edited fact"}
+    print(f"{args.other.name} - {args.base.name}, paired on shared records{chosen[args.records]} "
+          "(mean ± standard error):")
     print("| metric | n | difference |")
     print("|---|---|---|")
     for row in rows:

@@ -8,6 +8,7 @@ import pytest
 
 from icelora.data_utils.dataset import (
     DatasetError,
+    all_aliases,
     first_alias,
     load_dataset,
     parse_indices,
@@ -80,6 +81,7 @@ def test_mend_format(tmp_path):
     assert data.format == "mend"
     assert (record.request.prompt, record.request.target) == (MEND[0]["src"], "2006")
     assert record.rephrase == (MEND[0]["rephrase"],) and record.ground_truth == "1998"
+    assert record.ground_truth_aliases == ("1998",)
     assert [(i.kind, i.answer) for i in record.locality] == [("NQ", "The String")]
     assert [(i.kind, i.answer) for i in record.portability] == [("One_Hop", "Athletics")]
 
@@ -89,6 +91,15 @@ def test_first_alias_rule():
     assert first_alias(["Rome", "Roma"]) == "Rome"
     assert first_alias([["Rome", "Roma"], ["Paris"]]) == "Rome"
     assert first_alias([]) is None and first_alias([[""]]) is None
+
+
+def test_every_alias_of_the_old_answer_is_kept(tmp_path):
+    assert all_aliases([["Rome", " Roma "], ["Paris", ""]]) == ("Rome", "Roma", "Paris")
+    assert all_aliases(None) == () and all_aliases("Rome") == ("Rome",)
+    raw = {**KNOWEDIT_ZSRE[0], "ground_truth": ["Lionel Penrose", "Roger Penrose"]}
+    record = load_dataset(write(tmp_path, "z.json", [raw])).records[0]
+    assert record.ground_truth == "Lionel Penrose"
+    assert record.ground_truth_aliases == ("Lionel Penrose", "Roger Penrose")
 
 
 def test_bad_input_names_file_record_and_field(tmp_path):

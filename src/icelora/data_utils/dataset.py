@@ -50,6 +50,8 @@ class BenchmarkRecord:
     index: int
     request: EditRequest
     ground_truth: str | None = None
+    #: Every alias the file gives for the answer before the edit (``ground_truth`` is the first).
+    ground_truth_aliases: tuple[str, ...] = ()
     rephrase: tuple[str, ...] = ()
     portability: tuple[EvalItem, ...] = ()
     locality: tuple[EvalItem, ...] = ()
@@ -103,6 +105,14 @@ def first_alias(answer: Any) -> str | None:
         return None
     text = str(answer).strip()
     return text or None
+
+
+def all_aliases(answer: Any) -> tuple[str, ...]:
+    """Every non-empty alias of an answer, in order: ``[["a", "a2"], ["b"]]`` gives ``("a", "a2", "b")``."""
+    if isinstance(answer, list):
+        return tuple(alias for part in answer for alias in all_aliases(part))
+    text = "" if answer is None else str(answer).strip()
+    return (text,) if text else ()
 
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -162,6 +172,7 @@ def _knowedit_record(raw: dict[str, Any], index: int, where: str) -> BenchmarkRe
         rephrase = (rephrase,)
     return BenchmarkRecord(
         index=index, request=request, ground_truth=first_alias(raw.get("ground_truth")),
+        ground_truth_aliases=all_aliases(raw.get("ground_truth")),
         rephrase=tuple(r.strip() for r in rephrase if isinstance(r, str) and r.strip()),
         portability=_items(raw.get("portability"), f"{where}.portability"),
         locality=_items(raw.get("locality"), f"{where}.locality"),
@@ -191,6 +202,7 @@ def _mend_record(raw: dict[str, Any], index: int, where: str) -> BenchmarkRecord
         portability = (EvalItem(prompt=port["New Question"].strip(), answer=answer, kind="One_Hop"),)
     rephrase = (raw["rephrase"].strip(),) if isinstance(raw.get("rephrase"), str) and raw["rephrase"].strip() else ()
     return BenchmarkRecord(index=index, request=request, ground_truth=first_alias(raw.get("answers")),
+                           ground_truth_aliases=all_aliases(raw.get("answers")),
                            rephrase=rephrase, portability=portability, locality=locality)
 
 
