@@ -13,7 +13,7 @@ record's rephrase, portability and locality (those it has). A second table gives
 on the same records, and its fluency_ratio there (mean fluency over mean unedited fluency), so
 that runs still in progress can be compared on the records they share. ``--records asking`` keeps
 only the records whose locality prompts ask the edited fact (``icelora.evaluation.locality_conflicts``;
-found in BASE_RUN's data file), ``--records other`` only the rest.
+found in the data file both runs name), ``--records other`` only the rest.
 """
 
 from __future__ import annotations
@@ -95,18 +95,27 @@ def shared_means(base: dict[int, dict], other: dict[int, dict],
     return out
 
 
-def select_records(folder: Path, which: str, *runs: dict[int, dict]) -> list[dict[int, dict]]:
-    """The runs' cases restricted to the records of ``folder``'s data file whose locality prompts ask the
-    edited fact (``which="asking"``) or to the others (``"other"``); unchanged for ``"all"``."""
-    if which == "all":
-        return list(runs)
+def run_record(folder: Path) -> dict:
+    """The ``run`` object of a run folder's ``run.json``."""
     run_file = folder / RUN_FILE
     if not run_file.is_file():
         raise SystemExit(f"{folder}: no {RUN_FILE}, so its data file is unknown and its records cannot be split")
-    asking = records_asking_edited_fact(RunSummary(folder=folder, run=json.loads(run_file.read_text()),
-                                                   metrics={}, cases=[]))
+    return json.loads(run_file.read_text())
+
+
+def select_records(folders: list[Path], which: str, *runs: dict[int, dict]) -> list[dict[int, dict]]:
+    """The runs' cases restricted to the records of their data file whose locality prompts ask the
+    edited fact (``which="asking"``) or to the others (``"other"``); unchanged for ``"all"``. The runs'
+    folders must name the same data file (by sha256)."""
+    if which == "all":
+        return list(runs)
+    recorded = [run_record(f) for f in folders]
+    if len({r.get("data_sha256") for r in recorded}) > 1:
+        raise SystemExit(f"{' and '.join(map(str, folders))} ran on different data files (data_sha256), so one "
+                         "split of record indices does not fit both")
+    asking = records_asking_edited_fact(RunSummary(folder=folders[0], run=recorded[0], metrics={}, cases=[]))
     if asking is None:
-        raise SystemExit(f"{folder}: its data file was not found, so its records cannot be split")
+        raise SystemExit(f"{folders[0]}: its data file was not found, so its records cannot be split")
     keep = (lambda i: i in asking) if which == "asking" else (lambda i: i not in asking)
     return [{i: c for i, c in run.items() if keep(i)} for run in runs]
 
@@ -119,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", choices=("all", "asking", "other"), default="all",
                         help="only the records whose locality prompts ask the edited fact, or only the others")
     args = parser.parse_args(argv)
-    base, other = select_records(args.base, args.records, load_cases(args.base), load_cases(args.other))
+    base, other = select_records([args.base, args.other], args.records, load_cases(args.base),
+                                 load_cases(args.other))
     if args.criterion:
         base, other = with_criterion(base), with_criterion(other)
     rows = paired_differences(base, other, (*METRICS, "criterion") if args.criterion else METRICS)

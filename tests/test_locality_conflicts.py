@@ -8,6 +8,7 @@ import logging
 from icelora.cli import main
 from icelora.data_utils.dataset import load_dataset
 from icelora.evaluation.locality_conflicts import asks_edited_fact, locality_split, records_asking_edited_fact
+from icelora.evaluation.report import ReportWriter, locality_split_section
 from icelora.evaluation.report_data import read_run
 from tests.test_dataset import KNOWEDIT_ZSRE
 
@@ -29,6 +30,16 @@ def test_a_locality_answer_equal_to_an_old_alias_asks_the_edited_fact(tmp_path):
     assert [asks_edited_fact(r) for r in records] == [True, False, True]
     # "Aspido" (a locality answer of the second record) is a prefix of the old answer, not the answer
     assert [i.answer for i in records[1].locality] == ["genus", "Aspido"]
+
+
+def test_an_edit_to_its_old_answer_or_a_prompt_about_another_subject_asks_nothing(tmp_path):
+    path = tmp_path / "other.json"
+    unchanged = {**ASKING, "target_new": "Aspidoceratid Family"}  # the target is an old alias
+    elsewhere = {**ASKING, "locality": {"Relation_Specificity": [  # about another subject, same answer
+        {"prompt": "The family of Aspidoceras is", "ground_truth": ["Aspidoceratidae"]}]}}
+    no_subject = {key: value for key, value in elsewhere.items() if key != "subject"}
+    path.write_text(json.dumps([unchanged, elsewhere, no_subject]))
+    assert [asks_edited_fact(r) for r in load_dataset(path).records] == [False, False, True]
 
 
 def test_locality_split_means_each_side():
@@ -56,24 +67,41 @@ def test_report_splits_locality_by_records_asking_the_edited_fact(tmp_path, caps
     assert row == (f"| lora | 2 | {(cases[0] + cases[2]) / 2:.3f} | 1 | {cases[1]:.3f} | "
                    f"{metrics['locality']:.3f} |")
 
+    # the sequential protocol's table after the last edit is split the same way
+    seq = tmp_path / "runs" / "sequential-split" / "lora"
+    assert main(["eval", "--protocol", "sequential", "--model", str(tiny_llama_folder), "--method", "lora",
+                 "--dataset", str(data), "--steps", "1", "--output", str(seq), "-q"]) == 0
+    capsys.readouterr()
+    seq_cases = {c["index"]: c["locality"] for c in map(json.loads, (seq / "cases.jsonl").read_text().splitlines())}
+    assert main(["report", str(seq), "--output", str(tmp_path / "rep-seq"), "-q"]) == 0
+    table = (tmp_path / "rep-seq" / "evaluation_report.md").read_text().split(
+        "sequential split: locality on records whose locality prompts ask the edited fact, and on the others**")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert row.startswith(f"| lora | 2 | {(seq_cases[0] + seq_cases[2]) / 2:.3f} | 1 | {seq_cases[1]:.3f} |")
+
     # a data file changed since the run (another sha256) is not used: no split, and a warning says why
     data.write_text(json.dumps([KNOWEDIT_ZSRE[0]] * 3))
     with caplog.at_level(logging.WARNING):
         assert records_asking_edited_fact(read_run(out)) is None
     assert "was not found" in caplog.text
-    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep2"), "-q"]) == 0
-    assert "ask the edited fact" not in (tmp_path / "rep2" / "evaluation_report.md").read_text()
+    writer = ReportWriter(tmp_path / "rep2")
+    locality_split_section(writer, "split", [read_run(out)])
+    assert writer.lines == [] and writer.pages == []
 
 
-def test_no_split_where_no_record_asks_the_edited_fact(tmp_path, capsys, tiny_llama_folder):
+def test_no_split_where_no_record_asks_the_edited_fact(tmp_path):
+    from icelora.evaluation.report_data import RunSummary
+    from icelora.evaluation.runner import sha256_of
+
     data = tmp_path / "plain.json"
     data.write_text(json.dumps([KNOWEDIT_ZSRE[0]] * 2))
-    out = tmp_path / "runs" / "plain" / "none"
-    assert main(["eval", "--model", str(tiny_llama_folder), "--method", "none", "--dataset", str(data),
-                 "--output", str(out), "-q"]) == 0
-    assert records_asking_edited_fact(read_run(out)) == frozenset()
-    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep"), "-q"]) == 0
-    assert "ask the edited fact" not in (tmp_path / "rep" / "evaluation_report.md").read_text()
+    run = RunSummary(folder=tmp_path / "runs" / "plain" / "none",
+                     run={"method": "none", "data_file": str(data), "data_sha256": sha256_of(data)},
+                     metrics={"locality": 1.0}, cases=[{"index": 0, "locality": 1.0}, {"index": 1, "locality": 1.0}])
+    assert records_asking_edited_fact(run) == frozenset()
+    writer = ReportWriter(tmp_path / "rep")
+    locality_split_section(writer, "plain", [run])
+    assert writer.lines == [] and writer.pages == []
 
 
 def test_paired_differences_on_records_asking_the_edited_fact_or_on_the_others(tmp_path, capsys):
@@ -102,6 +130,32 @@ def test_paired_differences_on_records_asking_the_edited_fact_or_on_the_others(t
     assert "| locality | 1 | -0.100 ± 0.000 |" in capsys.readouterr().out
     paired_differences.main([base, other])
     assert "| locality | 3 | -0.300 ± 0.115 |" in capsys.readouterr().out
+    changed = json.loads((tmp_path / "runs" / "split" / "other" / "run.json").read_text())
+    (tmp_path / "runs" / "split" / "other" / "run.json").write_text(json.dumps({**changed, "data_sha256": "0"}))
+    with pytest.raises(SystemExit, match="different data files"):
+        paired_differences.main([base, other, "--records", "asking"])
+    (tmp_path / "runs" / "split" / "other" / "run.json").write_text(json.dumps(changed))
     data.unlink()
     with pytest.raises(SystemExit, match="data file was not found"):
         paired_differences.main([base, other, "--records", "asking"])
+
+
+def test_the_data_file_is_found_by_the_run_folders_data_set_name_and_checked_by_its_sha256(
+        tmp_path, monkeypatch, caplog):
+    from icelora.data_utils.dataset import DATASETS
+    from icelora.evaluation.report_data import RunSummary
+    from icelora.evaluation.runner import sha256_of
+
+    data = write_data(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the default data folder is ./data when ../shared/data is absent
+    shared = tmp_path / "data" / DATASETS["zsre-ice"]
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    shared.write_bytes(data.read_bytes())
+    moved = {"data_file": str(tmp_path / "gone.json"), "data_sha256": sha256_of(data)}
+    run = RunSummary(folder=tmp_path / "runs" / "zsre-ice" / "x", run=moved, metrics={}, cases=[])
+    assert (tmp_path / ".." / "shared" / "data").resolve().is_dir() is False
+    assert records_asking_edited_fact(run) == {0, 2}
+    with caplog.at_level(logging.WARNING):  # no sha256 recorded: nothing to check the file by
+        assert records_asking_edited_fact(RunSummary(folder=run.folder, run={"data_file": str(data)},
+                                                     metrics={}, cases=[])) is None
+    assert "records no data_sha256" in caplog.text

@@ -220,23 +220,24 @@ def single_section(writer: ReportWriter, dataset: str, runs: list[RunSummary]) -
 def locality_split_section(writer: ReportWriter, title: str, runs: list[RunSummary]) -> None:
     """Each run's locality on the records whose locality prompts ask the edited fact and on the others
     (:mod:`icelora.evaluation.locality_conflicts`); nothing where no record of the runs is such a one."""
-    rows = []
+    rows, any_asking = [], False
     for run in runs:
         asking = records_asking_edited_fact(run)
         if asking is None:
             continue
         split = locality_split(run.cases, asking)
+        any_asking = any_asking or split.n_asking > 0
         rows.append([row_label(run), format_value(split.n_asking, 0), format_value(split.locality_asking, 3),
                      format_value(split.n_other, 0), format_value(split.locality_other, 3),
                      format_value(run.metrics.get("locality"), 3)])
-    if not any(row[1] != "0" for row in rows):
+    if not any_asking:
         return
-    writer.text(f"Locality of `{title}` split by record: some records' locality prompts ask the edited relation "
-                "of the edited subject and expect the answer from before the edit (one of them is an answer of "
-                "the record's `ground_truth`), so an edit that carries over to other wordings must change them. "
-                "Locality on those records measures how little the edit generalised; on the others, how "
-                "little unrelated knowledge moved. The `locality` column and the targets keep the mean over "
-                "all records.")
+    writer.text(f"Locality of `{title}` split by record: some records' locality prompts ask about the edited "
+                "subject and expect the answer the edit replaces (an answer of the record's `ground_truth`; "
+                "mostly the edited relation asked again, a few another relation with the same answer), so an "
+                "edit that carries over to other wordings must change most of them. Locality on those records "
+                "measures mostly how little the edit generalised; on the others, how little unrelated "
+                "knowledge moved. The `locality` column and the targets keep the mean over all records.")
     writer.table(f"{title}: locality on records whose locality prompts ask the edited fact, and on the others",
                  ["method", "records asking it", "locality there", "other records", "locality there",
                   "locality (all)"], rows, runs)
