@@ -19,14 +19,14 @@ found in the data file both runs name), ``--records other`` only the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from icelora.errors import IceloraError
 from icelora.evaluation.locality_conflicts import records_asking_edited_fact
-from icelora.evaluation.report_data import RunSummary
-from icelora.evaluation.runner import CASES_FILE, RUN_FILE, read_cases
+from icelora.evaluation.report_data import RunSummary, read_run_file
+from icelora.evaluation.runner import CASES_FILE, read_cases
 
 METRICS = ("edit_success", "rephrase", "portability", "locality", "fluency", "exact_match", "steps")
 CRITERION_PARTS = ("rephrase", "portability", "locality")
@@ -95,21 +95,16 @@ def shared_means(base: dict[int, dict], other: dict[int, dict],
     return out
 
 
-def run_record(folder: Path) -> dict:
-    """The ``run`` object of a run folder's ``run.json``."""
-    run_file = folder / RUN_FILE
-    if not run_file.is_file():
-        raise SystemExit(f"{folder}: no {RUN_FILE}, so its data file is unknown and its records cannot be split")
-    return json.loads(run_file.read_text())
-
-
 def select_records(folders: list[Path], which: str, *runs: dict[int, dict]) -> list[dict[int, dict]]:
     """The runs' cases restricted to the records of their data file whose locality prompts ask the
     edited fact (``which="asking"``) or to the others (``"other"``); unchanged for ``"all"``. The runs'
     folders must name the same data file (by sha256)."""
     if which == "all":
         return list(runs)
-    recorded = [run_record(f) for f in folders]
+    try:
+        recorded = [read_run_file(f) for f in folders]
+    except IceloraError as exc:
+        raise SystemExit(f"{exc}, so its data file is unknown and its records cannot be split") from None
     if len({r.get("data_sha256") for r in recorded}) > 1:
         raise SystemExit(f"{' and '.join(map(str, folders))} ran on different data files (data_sha256), so one "
                          "split of record indices does not fit both")

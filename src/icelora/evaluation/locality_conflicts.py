@@ -39,8 +39,7 @@ def asks_edited_fact(record: BenchmarkRecord) -> bool:
     Old answers are compared with every alias the file gives, a locality answer by its first alias;
     case is ignored and white space collapsed. Without a subject, any locality prompt counts.
     """
-    old = {_normalised(a) for a in record.ground_truth_aliases} | (
-        {_normalised(record.ground_truth)} if record.ground_truth else set())
+    old = {_normalised(a) for a in record.ground_truth_aliases or (record.ground_truth or "",) if a}
     old.discard(_normalised(record.request.target))
     subject = _normalised(record.request.subject or "")
     return any(_normalised(item.answer) in old and subject in _normalised(item.prompt) for item in record.locality)

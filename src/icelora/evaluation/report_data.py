@@ -76,12 +76,19 @@ def find_run_folders(paths: list[Path]) -> list[Path]:
     return sorted(dict.fromkeys(found))
 
 
-def read_run(folder: Path) -> RunSummary:
-    """Read one run folder; a run without ``metrics.json`` is summarised from its finished cases."""
+def read_run_file(folder: Path) -> dict[str, Any]:
+    """The ``run`` object of a run folder's ``run.json``."""
     try:
-        run = json.loads((folder / RUN_FILE).read_text())
+        return json.loads((folder / RUN_FILE).read_text())
+    except FileNotFoundError:
+        raise IceloraError(f"{folder}: no {RUN_FILE} (not an icelora eval output folder)") from None
     except json.JSONDecodeError as exc:
         raise IceloraError(f"{folder / RUN_FILE}: not valid JSON ({exc})") from None
+
+
+def read_run(folder: Path) -> RunSummary:
+    """Read one run folder; a run without ``metrics.json`` is summarised from its finished cases."""
+    run = read_run_file(folder)
     cases = read_cases(folder / CASES_FILE)
     metrics_path = folder / METRICS_FILE
     complete = metrics_path.exists()
