@@ -77,3 +77,13 @@ def test_eval_of_the_unedited_model_refuses_the_sequential_protocol(capsys, tmp_
                              "--output", str(tmp_path / "run"))
     assert code == 2 and "--method none" in error_line(err) and out == ""
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "2", "--protocol", "sequential"], "--workers applies to the single-edit protocol only"),
+])
+def test_eval_refuses_bad_workers_before_any_work(capsys, tmp_path, extra, message):
+    code, out, err = run_cli(capsys, "eval", "--dataset", "zsre-ice", "--output", str(tmp_path / "run"), *extra)
+    assert code == 2 and message in error_line(err) and out == ""
+    assert not (tmp_path / "run").exists()

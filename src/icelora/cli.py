@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--train-together", choices=("auto", "yes", "no"), default="auto",
                           help="with --edits-at-once: train the group in one batched loop (auto: on CUDA) or "
                                "one edit after another (auto: on CPU)")
+    evaluate.add_argument("--workers", type=int, default=1,
+                          help="single, on a CPU: edit the groups in N processes, the cores split between them "
+                               "(each loads its own copy of the model; same results up to float rounding)")
     evaluate.add_argument("--checkpoint", default=None, help="evaluate a saved edit (icelora train / edit --save)")
     add_model_arguments(evaluate)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
     if args.edits_at_once > 1 and (args.checkpoint or args.protocol != "single"):
         raise IceloraError("--edits-at-once applies to the single-edit protocol only")
+    if args.workers < 1:
+        raise IceloraError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and (args.checkpoint or args.protocol != "single"):
+        raise IceloraError("--workers applies to the single-edit protocol only (sequential edits depend on each other)")
     method_none = args.method == "none"
     if method_none:
         args.method = None
@@ -53,9 +58,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint))
     else:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        load_worker_model = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype)
+        workers = {"workers": args.workers, "load_worker_model": load_worker_model}
         editor = ICELoRAEditor(loaded, method=args.method, config=config)
         if method_none:
-            metrics = run_single(editor, "none", dataset, folder, seed, args.resume, args.edits_at_once)
+            metrics = run_single(editor, "none", dataset, folder, seed, args.resume, args.edits_at_once, **workers)
         elif args.protocol == "sequential":
             metrics = run_sequential(editor, dataset, folder, seed, args.resume, args.eval_every)
         else:
@@ -63,7 +70,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 raise IceloraError(f"--edits-at-once needs a LoRA method; {args.method} trains full matrices")
             together = {"auto": None, "yes": True, "no": False}[args.train_together]
             metrics = run_single(editor, args.method, dataset, folder, seed, args.resume, args.edits_at_once,
-                                 together)
+                                 together, **workers)
     if metrics_copy is not None:
         shutil.copyfile(folder / "metrics.json", metrics_copy)
     return metrics

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ from icelora.evaluation.metrics import (
     predict_answers,
     sample_texts,
 )
+from icelora.evaluation.workers import EditorRecipe, map_in_workers
 from icelora.icelora_editor import EditResult, ICELoRAEditor
+from icelora.models import LoadedModel
 from icelora.replay import SEQUENTIAL_ONLY_KEYS
 from icelora.text import starts_with_target
 from icelora.tokenization import encode_prompt_target
@@ -56,8 +59,9 @@ CURVE_FILE = "curve.jsonl"
 #: reproduces it (the folder renamed, or the method's preset changed since); ``command`` is then the
 #: one that does. ``train_together``: whether a group's edits were trained in one
 #: batched loop or one after another, which gives each case the same result up to float rounding
-#: (as a change of ``device`` does), so a run made one way may be resumed the other.
-VOLATILE_RUN_KEYS = ("command", "command_as_run", "versions", "device", "data_file", "train_together")
+#: (as a change of ``device`` does), so a run made one way may be resumed the other; so does
+#: ``workers``, the number of processes the cores were split between.
+VOLATILE_RUN_KEYS = ("command", "command_as_run", "versions", "device", "data_file", "train_together", "workers")
 
 
 class RunFolderError(IceloraError):
@@ -392,9 +396,47 @@ def case_header(record: BenchmarkRecord) -> dict[str, Any]:
             "ground_truth": record.ground_truth}
 
 
+@dataclass(frozen=True)
+class GroupTask:
+    """One group of the single-edit protocol: its records, their unedited baselines, and how to edit them."""
+
+    method: str
+    records: list[BenchmarkRecord]
+    baselines: list[Baseline]
+    seed: int
+    edits_at_once: int
+    train_together: bool
+
+
+def edit_group(editor: ICELoRAEditor, task: GroupTask) -> list[dict[str, Any]]:
+    """Edit the task's records from the unedited model, measure them and revert: one case each.
+    ``case_seconds`` is the group's wall time over its records, ``peak_memory_mb`` this process's."""
+    start = time.perf_counter()
+    group, base, seed = task.records, task.baselines, task.seed
+    editor.revert()
+    if task.method == "none":
+        measures = measure_edited_many(editor, group, base, seed)
+        results: list[EditResult | None] = [None] * len(group)
+    elif task.edits_at_once == 1:
+        results = [editor.edit(group[0].request, progress=False)]
+        measures = measure_edited_many(editor, group, base, seed)
+    else:
+        with editor.edit_each([r.request for r in group], progress=False, together=task.train_together) as edits:
+            measures = measure_edited_many(editor, group, base, seed, adapters=edits.adapters)
+            results = list(edits.results)
+    editor.revert()
+    case_seconds = (time.perf_counter() - start) / len(group)
+    memory = round(peak_memory_mb(next(editor.model.parameters()).device), 1)
+    return [{**case_header(record), **measure, "steps": result.steps if result else None,
+             "seconds": result.seconds if result else None, "case_seconds": case_seconds,
+             "peak_memory_mb": memory}
+            for record, measure, result in zip(group, measures, results)]
+
+
 def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, output: Path, seed: int,
                resume: bool, edits_at_once: int = 1, train_together: bool | None = None,
-               command: str | None = None) -> dict[str, Any]:
+               command: str | None = None, workers: int = 1,
+               load_worker_model: Callable[[], LoadedModel] | None = None) -> dict[str, Any]:
     """The single-edit protocol: edit, evaluate, revert, for every record; resumable.
 
     ``edits_at_once`` > 1 keeps that many records' edits, each in its own adapter
@@ -404,49 +446,57 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     training does not pay). The records are grouped by position in the selection, so a resumed run
     forms the same groups. ``method`` ``none`` measures the unedited model, ``edits_at_once``
     records per batch.
+
+    ``workers`` > 1 (CPU only) edits the groups in that many processes, the cores split between
+    them (:mod:`icelora.evaluation.workers`), each building its editor from ``load_worker_model()``
+    and this editor's method and configuration; cases are written as their groups finish, so
+    ``cases.jsonl`` is then in finishing order. The unedited baselines are measured here first.
     """
     if edits_at_once < 1:
         raise IceloraError(f"edits at once must be at least 1, got {edits_at_once}")
     device = next(editor.model.parameters()).device
+    check_workers(workers, device, load_worker_model)
     if train_together is None:
         train_together = device.type == "cuda"
-    extra = None
+    extra: dict[str, Any] = {}
     if edits_at_once > 1:
         extra = {"edits_at_once": edits_at_once, "train_together": train_together and method != "none"}
+    if workers > 1:
+        extra["workers"] = workers
     bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed, extra, command), resume)
     groups = [dataset.records[i: i + edits_at_once] for i in range(0, len(dataset.records), edits_at_once)]
     groups = [g for g in groups if any(r.index not in bench.done for r in g)]
     editor.revert()
     baselines = BaselineStore(output / "baselines.jsonl")
     baselines.fill(editor, [r for g in groups for r in g], seed)
+    tasks = [GroupTask(method, g, [baselines.get(r.index) for r in g], seed, edits_at_once,
+                       train_together and method != "none") for g in groups]
+    if workers > 1:
+        recipe = EditorRecipe(load_worker_model, editor.method, editor.config)  # type: ignore[arg-type]
+        finished = (cases for _, cases in map_in_workers(edit_group, tasks, recipe, workers))
+    else:
+        finished = (edit_group(editor, task) for task in tasks)
     bar = tqdm(total=len(dataset.records), initial=len(bench.done), desc=f"{method} single", file=sys.stderr)
-    for group in groups:
-        start = time.perf_counter()
-        editor.revert()
-        base = [baselines.get(r.index) for r in group]
-        if method == "none":
-            measures = measure_edited_many(editor, group, base, seed)
-            results: list[EditResult | None] = [None] * len(group)
-        elif edits_at_once == 1:
-            results = [editor.edit(group[0].request, progress=False)]
-            measures = measure_edited_many(editor, group, base, seed)
-        else:
-            with editor.edit_each([r.request for r in group], progress=False, together=train_together) as edits:
-                measures = measure_edited_many(editor, group, base, seed, adapters=edits.adapters)
-                results = list(edits.results)
-        editor.revert()
-        case_seconds = (time.perf_counter() - start) / len(group)
-        memory = round(peak_memory_mb(device), 1)
-        for record, measure, result in zip(group, measures, results):
-            if record.index in bench.done:
-                continue
-            bench.add({**case_header(record), **measure, "steps": result.steps if result else None,
-                       "seconds": result.seconds if result else None, "case_seconds": case_seconds,
-                       "peak_memory_mb": memory})
-            bar.update(1)
+    for cases in finished:
+        for case in cases:
+            if case["index"] not in bench.done:
+                bench.add(case)
+                bar.update(1)
     bar.close()
     return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped,
                          "trainable_params": 0 if method == "none" else editor.parameter_counts()[0]})
+
+
+def check_workers(workers: int, device: torch.device, load_worker_model: Callable[[], LoadedModel] | None) -> None:
+    """Raise :class:`IceloraError` unless ``workers`` processes can run: at least 1; more only on a
+    CPU and with a way for each to load the model."""
+    if workers < 1:
+        raise IceloraError(f"workers must be at least 1, got {workers}")
+    if workers > 1 and device.type != "cpu":
+        raise IceloraError(f"workers split a CPU's cores between processes; the model is on {device} "
+                           "(on a GPU, train edits together instead: --edits-at-once K --train-together yes)")
+    if workers > 1 and load_worker_model is None:
+        raise IceloraError("workers > 1 needs load_worker_model, the function each worker loads its model with")
 
 
 def run_peak_memory(cases: list[dict[str, Any]], device: torch.device) -> float:
