@@ -57,9 +57,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                                     device=args.device, dtype=args.dtype)
         metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint))
     else:
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-        load_worker_model = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype)
-        workers = {"workers": args.workers, "load_worker_model": load_worker_model}
+        load = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype)  # workers load it too
+        loaded = load()
+        workers = {"workers": args.workers, "load_worker_model": load}
         editor = ICELoRAEditor(loaded, method=args.method, config=config)
         if method_none:
             metrics = run_single(editor, "none", dataset, folder, seed, args.resume, args.edits_at_once, **workers)

@@ -458,9 +458,10 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     check_workers(workers, device, load_worker_model)
     if train_together is None:
         train_together = device.type == "cuda"
+    together = train_together and method != "none"
     extra: dict[str, Any] = {}
     if edits_at_once > 1:
-        extra = {"edits_at_once": edits_at_once, "train_together": train_together and method != "none"}
+        extra = {"edits_at_once": edits_at_once, "train_together": together}
     if workers > 1:
         extra["workers"] = workers
     bench = BenchmarkRun(output, run_description(editor, method, "single", dataset, seed, extra, command), resume)
@@ -469,8 +470,8 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     editor.revert()
     baselines = BaselineStore(output / "baselines.jsonl")
     baselines.fill(editor, [r for g in groups for r in g], seed)
-    tasks = [GroupTask(method, g, [baselines.get(r.index) for r in g], seed, edits_at_once,
-                       train_together and method != "none") for g in groups]
+    tasks = [GroupTask(method, g, [baselines.get(r.index) for r in g], seed, edits_at_once, together)
+             for g in groups]
     if workers > 1:
         recipe = EditorRecipe(load_worker_model, editor.method, editor.config)  # type: ignore[arg-type]
         finished = (cases for _, cases in map_in_workers(edit_group, tasks, recipe, workers))
