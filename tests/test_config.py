@@ -27,6 +27,8 @@ def test_every_method_is_a_valid_preset():
     ({"clamp": 0.0}, "clamp"),
     ({"contexts_per_step": 0}, "contexts_per_step"),
     ({"contexts_per_step": 2.5}, "contexts_per_step"),
+    ({"sample_every": 0}, "sample_every"),
+    ({"sample_every": 1.5}, "sample_every"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(InvalidConfigError, match=field):
@@ -37,6 +39,13 @@ def test_contexts_per_step_is_refused_outside_the_ice_objective():
     with pytest.raises(InvalidConfigError, match="contexts_per_step applies to objective ice only"):
         method_config("ice", contexts_per_step=2)
     assert method_config("ice-lora", contexts_per_step=2).contexts_per_step == 2
+
+
+def test_sample_every_is_refused_outside_the_ice_objective():
+    with pytest.raises(InvalidConfigError, match="sample_every applies to objective ice only"):
+        method_config("lora", sample_every=2)
+    assert method_config("ice", sample_every=1).sample_every == 1  # every step: allowed for any objective
+    assert method_config("ice-lora", sample_every=3).sample_every == 3
 
 
 def test_unknown_method_and_key():

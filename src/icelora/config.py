@@ -37,6 +37,11 @@ class EditConfig:
         window that moves on by as many every step, so all of them take turns equally often (step
         ``s`` uses contexts ``s*k .. s*k+k-1`` modulo their number); ``None``: all of them every
         step. Fewer contexts per step make each step cheaper and the ICE term noisier.
+    sample_every: ``ice`` only: draw fresh completions ``x_c`` (and their teacher distributions,
+        from the context-conditioned pass) at the first step and every this many steps after; the
+        steps between train on the same draw and skip the sampling passes. 1: every step (ICE as
+        published). A larger value makes the steps between cheaper and the teacher up to that many
+        steps old.
     lambda_locality / locality_anchors: weight of ``KL(p_before || p_edited)`` on that many anchor
         texts per step (:mod:`icelora.anchors`); 0 turns it off.
     locality_anchor_kind: ``general`` (fixed unrelated texts), ``subject`` (prompts about each
@@ -88,6 +93,7 @@ class EditConfig:
     weight_decay: float = 0.0
     num_contexts: int = 5
     contexts_per_step: int | None = None
+    sample_every: int = 1
     samples_per_context: int = 1
     completion_length: int = 3
     temperature: float = 1.0
@@ -120,7 +126,7 @@ class EditConfig:
                 f"parameterization {self.parameterization!r} is unknown; choose from {list(PARAMETERIZATIONS)}"
             )
         positive_ints = ("max_steps", "lora_rank", "num_contexts", "samples_per_context",
-                         "completion_length", "locality_anchors")
+                         "completion_length", "locality_anchors", "sample_every")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -186,6 +192,8 @@ class EditConfig:
                 raise InvalidConfigError(f"contexts_per_step must be a positive integer or null, got {per_step!r}")
             if self.objective != "ice":
                 raise InvalidConfigError(f"contexts_per_step applies to objective ice only, not {self.objective!r}")
+        if self.sample_every > 1 and self.objective != "ice":
+            raise InvalidConfigError(f"sample_every applies to objective ice only, not {self.objective!r}")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")

@@ -30,7 +30,7 @@ from icelora.anchors import AnchorTeacher, anchor_kl_from_logits, anchor_rows, c
 from icelora.config import EditConfig
 from icelora.data_utils.templates import contexts_for
 from icelora.request import EditRequest
-from icelora.sampling import Completions, group_rows, sample_completions, sample_from_batch
+from icelora.sampling import Completions, DrawMemory, group_rows, sample_completions, sample_from_batch
 from icelora.sampling_graphs import FixedShapeSampler, fixed_shape_supported
 from icelora.shared_prefix import prefix_layout, shared_prefix_logits
 from icelora.tokenization import (
@@ -448,7 +448,8 @@ def graphs_apply(model: nn.Module, plan: EditPlan, owners: Sequence[int], device
 
 def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
              generators: torch.Generator | Sequence[torch.Generator], rider: Rider | None = None,
-             graphs: bool = False, graphed_training: bool = False, shared_prefix: bool = False) -> LossParts:
+             graphs: bool = False, graphed_training: bool = False, shared_prefix: bool = False,
+             memory: DrawMemory | None = None, requests: Sequence[int] | None = None) -> LossParts:
     """The clean ICE-LoRA objective ``L_FT + lambda * L_ICE`` (ICE-ALGORITHM.md).
 
     ``generators``: one for all rows, or (independent plans) one per request. Every shape is fixed
@@ -457,13 +458,23 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     (:mod:`icelora.sampling_graphs`); ``graphed_training``: the training pass too
     (:mod:`icelora.training_graphs`); ``shared_prefix``: the training pass encodes each request's
     ``q + x*`` once and continues its completions from the KV cache (:mod:`icelora.shared_prefix`),
-    unless it is replayed from a graph.
+    unless it is replayed from a graph. ``memory``: reuse an earlier step's draw while it is to be
+    reused (``sample_every``), and keep a fresh one; ``requests``: the index of each of the plan's
+    requests in the plan the memory was made for (default: the same plan).
     """
     device = next(model.parameters()).device
-    layout = ice_layout(plan, config, device, step)
-    sample = (layout.sampler(model, plan, config.completion_length) if graphs else None) or sample_from_batch
-    completions = sample(model, layout.context, config.completion_length, config.temperature,
-                         _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
+    requests = list(range(len(plan.requests))) if requests is None else list(requests)
+    recalled = memory.recall(requests) if memory is not None else None
+    if recalled is not None:
+        drawn_at, completions = recalled
+        layout = ice_layout(plan, config, device, drawn_at)
+    else:
+        layout = ice_layout(plan, config, device, step)
+        sample = (layout.sampler(model, plan, config.completion_length) if graphs else None) or sample_from_batch
+        completions = sample(model, layout.context, config.completion_length, config.temperature,
+                             _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
+        if memory is not None:
+            memory.keep(step, [requests[i] for i in layout.owners], completions)
     fixed = layout.training_pass(model, plan) if graphed_training else None
     n = len(plan.requests)
     if shared_prefix and fixed is None:
@@ -581,7 +592,10 @@ class Objective:
     independent plan every request has its own generator with that seed, so an edit trained beside
     others draws what it would draw alone. ``anchors`` (needed when ``lambda_locality > 0``): the
     pre-edit model's distributions on the locality anchors (:mod:`icelora.anchors`), one set shared
-    by every request or, for an independent plan, one set per request.
+    by every request or, for an independent plan, one set per request. With ``sample_every`` k the
+    ``ice`` objective draws its completions at its first call and every k-th call after, and the
+    calls between reuse that draw (:class:`~icelora.sampling.DrawMemory`); a run resumed from a
+    checkpoint draws afresh at its first step.
     """
 
     def __init__(self, plan: EditPlan, config: EditConfig, device: torch.device,
@@ -599,6 +613,7 @@ class Objective:
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
+        self.draws = DrawMemory(config.sample_every)
 
     def __call__(self, model: nn.Module, step: int, active: Sequence[int] | None = None) -> LossParts:
         """The loss of step ``step``; ``active`` restricts an independent plan to those requests."""
@@ -607,13 +622,14 @@ class Objective:
             generator.manual_seed(step_seed)
             rng.seed(step_seed)
         plan, generators, rngs = self.plan, self.generators, self.rngs
+        requests = list(range(len(plan.requests)))
         if active is not None:
             if not plan.independent:
                 raise ValueError("only an independent plan can run a subset of its requests")
-            plan = plan.subset(active)
+            plan, requests = plan.subset(active), list(active)
             generators, rngs = [generators[i] for i in active], [rngs[i] for i in active]
         if not self.config.lambda_locality:
-            return self.objective_parts(model, plan, step, generators, rngs, None)
+            return self.objective_parts(model, plan, step, generators, rngs, None, requests)
         # one set of anchors per independent edit, each row routed to its owner's adapter
         owners = list(active if active is not None else range(len(plan.requests))) if plan.independent else [0]
         teachers = [self.anchors[k] if len(self.anchors) > 1 else self.anchors[0] for k in owners]
@@ -623,10 +639,10 @@ class Objective:
         row_owners = [k for k, mine in enumerate(chosen) for _ in mine]
         if self.anchors_in_main_pass(device):
             rider = Rider(batch=batch, owners=row_owners, width=max(t.widest for t in teachers))
-            parts = self.objective_parts(model, plan, step, generators, rngs, rider)
+            parts = self.objective_parts(model, plan, step, generators, rngs, rider, requests)
             logits = rider.logits
         else:
-            parts = self.objective_parts(model, plan, step, generators, rngs, None)
+            parts = self.objective_parts(model, plan, step, generators, rngs, None, requests)
             logits = model(**batch.forward_kwargs(), **plan.route(row_owners)).logits
         kl = anchor_kl_from_logits(teachers, chosen, logits)
         return with_locality(parts, plan, kl, self.config.lambda_locality)
@@ -667,7 +683,9 @@ class Objective:
         return self._graphs_setting(device) is True
 
     def objective_parts(self, model: nn.Module, plan: EditPlan, step: int, generators: list[torch.Generator],
-                        rngs: list[random.Random], rider: Rider | None) -> LossParts:
+                        rngs: list[random.Random], rider: Rider | None, requests: list[int] | None = None
+                        ) -> LossParts:
+        """The objective's loss on ``plan`` (``requests``: their indices in the objective's own plan)."""
         name = self.config.objective
         if name == "ft":
             return ft_loss(model, plan, self.config, step, rider)
@@ -676,7 +694,8 @@ class Objective:
         if name == "ice":
             device = next(model.parameters()).device
             return ice_loss(model, plan, self.config, step, generators, rider, self.samples_from_graphs(device),
-                            self.trains_from_graphs(device), self.encodes_prefix_once(device))
+                            self.trains_from_graphs(device), self.encodes_prefix_once(device), self.draws,
+                            requests)
         if name == "ice-reference":
             return ice_reference_loss(model, plan, self.config, step, generators, rngs, rider)
         raise ValueError(f"unknown objective {name!r}")

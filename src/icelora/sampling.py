@@ -142,3 +142,46 @@ def sample_from_batch(
         return out.logits[:, -1].float()
 
     return sample_with(run_pass, length, temperature, generators, eos_ids, groups)
+
+
+class DrawMemory:
+    """The completions of an objective's last draw, kept for the steps that reuse them.
+
+    With ``every`` k, an objective draws fresh completions (and their teacher distributions) at
+    its first call and every k-th call after; the k - 1 calls between train on the same draw,
+    as a minibatch taken for more than one step. ``every`` 1 keeps nothing. Each row is kept with
+    the request it belongs to (its index in the whole plan), so that when some requests of an
+    independent plan have stopped, the others still find their own rows, in order.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every = every
+        self.step: int | None = None
+        self.uses = 0
+        self.rows: list[int] = []
+        self.completions: Completions | None = None
+
+    def recall(self, requests: Sequence[int]) -> tuple[int, Completions] | None:
+        """(the step of the draw, the completions of the rows of ``requests``, in order) while the
+        last draw is to be reused and holds every one of them; ``None``: draw afresh."""
+        if self.completions is None or self.uses >= self.every:
+            return None
+        wanted = set(requests)
+        keep = [r for r, owner in enumerate(self.rows) if owner in wanted]
+        if {self.rows[r] for r in keep} != wanted:
+            return None
+        self.uses += 1
+        if len(keep) == len(self.rows):
+            return self.step, self.completions
+        index = torch.tensor(keep, device=self.completions.tokens.device)
+        drawn = self.completions
+        return self.step, Completions(tokens=drawn.tokens[index], teacher_logits=drawn.teacher_logits[index],
+                                      alive=drawn.alive[index])
+
+    def keep(self, step: int, rows: Sequence[int], completions: Completions) -> None:
+        """Remember a fresh draw of step ``step``; ``rows``: the request of each of its rows."""
+        if self.every == 1:
+            return
+        self.step, self.uses, self.rows, self.completions = step, 1, list(rows), completions
