@@ -13,9 +13,11 @@ from icelora.config import EditConfig
 from icelora.losses import (
     REFERENCE_PREFIXES,
     Objective,
+    _draw,
     build_plan,
     completion_mask,
     contexts_at_step,
+    ice_layout,
     ice_loss,
     ice_reference_loss,
     kept_group_mean,
@@ -24,8 +26,9 @@ from icelora.losses import (
     reference_context_prefix,
 )
 from icelora.request import EditRequest
-from icelora.sampling import sample_completions
+from icelora.sampling import sample_completions, sample_from_batch
 from icelora.tokenization import encode_prompt_target, pad_rows
+from tests.conftest import tiny_gpt2, tiny_llama
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome",
                       subject="The Eiffel Tower",
@@ -203,3 +206,19 @@ def test_kept_group_mean_leaves_out_dropped_values_even_when_not_finite():
     groups = torch.tensor([0, 0, 0, 1, 2])
     means = kept_group_mean(values, keep, groups, 4)
     assert means.tolist() == [2.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_samples_after_one_context_share_its_prefill(builder):
+    """With several samples per context the prefill runs once per context and its cache is copied
+    to the samples: the draws and teacher distributions are those of prefilling every copy."""
+    tiny = builder()
+    config = _config(objective="ice", samples_per_context=3, temperature=2.0)
+    plan = build_plan(tiny.tokenizer, [REQUEST], config)
+    layout = ice_layout(plan, config, torch.device("cpu"))
+    assert layout.distinct.input_ids.shape[0] == 2 and layout.context.input_ids.shape[0] == 6
+    shared = _draw(tiny.model, plan, config, layout, [torch.Generator().manual_seed(4)], graphs=False)
+    every = sample_from_batch(tiny.model, layout.context, 3, 2.0, [torch.Generator().manual_seed(4)], plan.eos_ids)
+    assert torch.equal(shared.tokens, every.tokens)
+    assert torch.allclose(shared.teacher_logits, every.teacher_logits, atol=1e-5)
+    assert not torch.equal(shared.tokens[0], shared.tokens[1])  # the copies draw apart

@@ -120,7 +120,7 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
 @pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors", "ice-lora+subject-anchors",
                                     "ice-lora+relation-anchors", "ice-lora+projected-relation-anchors",
-                                    "ice-lora+sample-every-2"])
+                                    "ice-lora+sample-every-2", "ice-lora+two-samples-per-context"])
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplog):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
@@ -131,7 +131,8 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     anchors about its own subject (the last request has none: it gets the general anchors);
     ``+relation-anchors``: the same with its subject's other relations; ``+projected-relation-anchors``:
     with each adapter kept orthogonal to its own anchors' leading input directions;
-    ``+sample-every-2``: each draw reused for one more step, after some edits have stopped too."""
+    ``+sample-every-2``: each draw reused for one more step, after some edits have stopped too;
+    ``+two-samples-per-context``: each context row prefilled once for its two samples, routed."""
     loaded = builder()
     loaded.model.double()
     requests = REQUESTS
@@ -145,6 +146,8 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     extra["lora_projection_energy"] = 0.8 if "+projected" in method else None
     if method.endswith("sample-every-2"):
         extra["sample_every"] = 2
+    if method.endswith("two-samples-per-context"):
+        extra["samples_per_context"] = 2
     method = method.split("+")[0]
     editor = ICELoRAEditor(loaded, method=method, **SETTINGS, **extra)
     probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])

@@ -353,7 +353,10 @@ def _as_list(items: Any) -> list[Any]:
 class IceLayout:
     """The fixed structure of one ICE step, the same at every step of an edit (only the sampled
     tokens change): the context rows to sample after, the student rows ``q + x* + x_c`` with room
-    for the completion, and where the target and completion tokens sit in them."""
+    for the completion, and where the target and completion tokens sit in them. With several
+    samples per context, also each context row once (``distinct``, of requests
+    ``distinct_owners``) and the distinct row each context row repeats (``expand``), so that the
+    sampling prefill runs once per context."""
 
     owners: list[int]
     context: PaddedBatch
@@ -363,6 +366,9 @@ class IceLayout:
     target_owner: torch.Tensor
     completion: TokenIndex
     completion_owner: torch.Tensor
+    distinct: PaddedBatch | None = None
+    expand: torch.Tensor | None = None
+    distinct_owners: list[int] | None = None
     usable: dict[int, bool] = field(default_factory=dict, repr=False, compare=False)
     samplers: dict[int, FixedShapeSampler] = field(default_factory=dict, repr=False, compare=False)
     forwards: dict[int, FixedShapeForward] = field(default_factory=dict, repr=False, compare=False)
@@ -432,8 +438,14 @@ def ice_layout(plan: EditPlan, config: EditConfig, device: torch.device, step: i
         target = span_index(student, [(e.target_start, len(e.ids)) for e in owned], device)
         completion = span_index(student, [(len(e.ids), len(e.ids) + m) for e in owned], device)
         owner_ids = to_device(torch.tensor(owners, dtype=torch.long), device)
-        return IceLayout(owners, context, groups, student, target, owner_ids[target.rows], completion,
-                         owner_ids[completion.rows])
+        layout = IceLayout(owners, context, groups, student, target, owner_ids[target.rows], completion,
+                           owner_ids[completion.rows])
+        k = config.samples_per_context
+        if k > 1:  # the copies of a context row are consecutive
+            layout.distinct = pad_rows(context_rows[::k], plan.pad_id, side="left", device=device)
+            layout.distinct_owners = owners[::k]
+            layout.expand = to_device(torch.arange(len(owners), dtype=torch.long) // k, device)
+        return layout
 
     return plan.layout(key, build)
 
@@ -470,9 +482,7 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
         layout = ice_layout(plan, config, device, drawn_at)
     else:
         layout = ice_layout(plan, config, device, step)
-        sample = (layout.sampler(model, plan, config.completion_length) if graphs else None) or sample_from_batch
-        completions = sample(model, layout.context, config.completion_length, config.temperature,
-                             _as_list(generators), plan.eos_ids, layout.groups, plan.route(layout.owners))
+        completions = _draw(model, plan, config, layout, _as_list(generators), graphs)
         if memory is not None:
             memory.keep(step, [requests[i] for i in layout.owners], completions)
     fixed = layout.training_pass(model, plan) if graphed_training else None
@@ -493,6 +503,22 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     kl = kl_divergence(teacher, completion_logits)
     ice = kept_group_mean(kl, completions.alive.reshape(-1), layout.completion_owner, n)
     return combine(plan, ft + config.lambda_ice * ice, ft, ice, wrong_per_request(pred, labels, target_owner, n))
+
+
+def _draw(model: nn.Module, plan: EditPlan, config: EditConfig, layout: IceLayout,
+          generators: list[torch.Generator], graphs: bool) -> Completions:
+    """Completions after the layout's context rows: from the CUDA-graph sampler where ``graphs``
+    and :func:`graphs_apply` allow, else eagerly, each distinct context row prefilled once."""
+    sampler = layout.sampler(model, plan, config.completion_length) if graphs else None
+    if sampler is not None:
+        return sampler(model, layout.context, config.completion_length, config.temperature, generators,
+                       plan.eos_ids, layout.groups, plan.route(layout.owners))
+    if layout.expand is None:
+        return sample_from_batch(model, layout.context, config.completion_length, config.temperature, generators,
+                                 plan.eos_ids, layout.groups, plan.route(layout.owners))
+    return sample_from_batch(model, layout.distinct, config.completion_length, config.temperature, generators,
+                             plan.eos_ids, layout.groups, plan.route(layout.owners), layout.expand,
+                             plan.route(layout.distinct_owners))
 
 
 def _shared_prefix_pass(model: nn.Module, plan: EditPlan, config: EditConfig, layout: IceLayout,

@@ -124,17 +124,31 @@ def sample_from_batch(
     eos_ids: set[int],
     groups: list[torch.Tensor] | None = None,
     forward_kwargs: dict[str, Any] | None = None,
+    expand: torch.Tensor | None = None,
+    prefill_kwargs: dict[str, Any] | None = None,
 ) -> Completions:
     """:func:`sample_completions` on a left-padded batch already on the device, with the rows of
     each generator given as index tensors (``group_rows``). Nothing here reads the device from the
-    host, so the editing loop can queue the whole step."""
+    host, so the editing loop can queue the whole step.
+
+    ``expand``: the batch holds each distinct row once, and completion row ``r`` continues batch
+    row ``expand[r]`` (several samples after one context): the prefill runs on the distinct rows
+    and its cache is copied to the rows that share them, the decode passes run on every row.
+    ``forward_kwargs`` then go to the decode passes and ``prefill_kwargs`` (e.g. the distinct
+    rows' adapter routing) to the prefill; without ``expand`` every pass gets ``forward_kwargs``."""
     extra = forward_kwargs or {}
     state: dict[str, Any] = {"mask": batch.attention_mask, "positions": batch.position_ids[:, -1:], "cache": None}
 
     def run_pass(step: int, token: torch.Tensor | None) -> torch.Tensor:
         if token is None:  # the last position only, made contiguous: the output layer is then one matrix product
             with output_layer_reads(model, torch.Tensor.contiguous):
-                out = model(**batch.forward_kwargs(), **extra, use_cache=True, logits_to_keep=1)
+                out = model(**batch.forward_kwargs(), **(extra if expand is None else prefill_kwargs or {}),
+                            use_cache=True, logits_to_keep=1)
+            if expand is not None:
+                out.cache.reorder_cache(expand)
+                state["mask"], state["positions"] = state["mask"][expand], state["positions"][expand]
+                state["cache"] = out.cache
+                return out.logits[expand, -1].float()
         else:
             out, state["mask"], state["positions"] = decode_step(model, token, state["mask"], state["positions"],
                                                                  state["cache"], logits_to_keep=1, **extra)
