@@ -32,7 +32,8 @@ class EditConfig:
     target_modules: roles to edit in those layers: ``attn_qv``, ``mlp_in``, ``mlp_out``.
     clamp: for ``full``, keep every trained element within ``theta0 +- clamp`` (``None``: no clamp).
     num_contexts / samples_per_context / completion_length / temperature: the ICE sampling of
-        self-induced completions ``x_c`` from the context-conditioned model.
+        self-induced completions ``x_c`` from the context-conditioned model (the samples after one
+        context share its prefill).
     contexts_per_step: ``ice`` only: each step samples after this many of a request's contexts, a
         window that moves on by as many every step, so all of them take turns equally often (step
         ``s`` uses contexts ``s*k .. s*k+k-1`` modulo their number); ``None``: all of them every
