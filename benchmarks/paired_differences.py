@@ -13,7 +13,8 @@ record's rephrase, portability and locality (those it has). A second table gives
 on the same records, and its fluency_ratio there (mean fluency over mean unedited fluency), so
 that runs still in progress can be compared on the records they share. ``--records asking`` keeps
 only the records whose locality prompts ask the edited fact (``icelora.evaluation.locality_conflicts``;
-found in the data file both runs name), ``--records other`` only the rest.
+found in the data file both runs name), ``--records other`` only the rest. ``--indices`` keeps only
+the records given as ``icelora eval`` takes them (``0:64``, ``3,7,9``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from icelora.data_utils.dataset import parse_indices
 from icelora.errors import IceloraError
 from icelora.evaluation.locality_conflicts import records_asking_edited_fact
 from icelora.evaluation.report_data import RunSummary, read_run_file
@@ -115,6 +117,16 @@ def select_records(folders: list[Path], which: str, *runs: dict[int, dict]) -> l
     return [{i: c for i, c in run.items() if keep(i)} for run in runs]
 
 
+def only_indices(text: str, runs: list[dict[int, dict]]) -> list[dict[int, dict]]:
+    """The runs' cases of the records ``text`` names (a range like ``0:64`` or a list like ``3,7``)."""
+    total = max((i for run in runs for i in run), default=-1) + 1
+    try:
+        wanted = set(parse_indices(text, total, where="the runs' records"))
+    except IceloraError as exc:
+        raise SystemExit(str(exc)) from None
+    return [{i: c for i, c in run.items() if i in wanted} for run in runs]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
@@ -122,9 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--criterion", action="store_true", help="add the tuning criterion per record")
     parser.add_argument("--records", choices=("all", "asking", "other"), default="all",
                         help="only the records whose locality prompts ask the edited fact, or only the others")
+    parser.add_argument("--indices", default=None, help="only these records: a range like 0:64 or a list like 3,7")
     args = parser.parse_args(argv)
     base, other = select_records([args.base, args.other], args.records, load_cases(args.base),
                                  load_cases(args.other))
+    if args.indices:
+        base, other = only_indices(args.indices, [base, other])
     if args.criterion:
         base, other = with_criterion(base), with_criterion(other)
     rows = paired_differences(base, other, (*METRICS, "criterion") if args.criterion else METRICS)

@@ -307,6 +307,10 @@ def test_paired_differences_pair_records_by_index(tmp_path, capsys):
     assert locality.standard_error == pytest.approx(math.sqrt((0.05 ** 2 + 2 * 0.15 ** 2 + 0.25 ** 2) / 3 / 4))
     paired_differences.main([str(base), str(other)])
     assert "| locality | 4 | +0.150 ± 0.096 |" in capsys.readouterr().out
+    paired_differences.main([str(base), str(other), "--indices", "0:2"])  # records 0 and 1: 0.2 and 0
+    assert "| locality | 2 | +0.100 ± 0.100 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="outside"):
+        paired_differences.main([str(base), str(other), "--indices", "5:20"])
     with pytest.raises(SystemExit, match=r"no cases\.jsonl"):
         paired_differences.load_cases(tmp_path)
 

@@ -25,7 +25,7 @@ def test_memory_gives_a_draw_back_for_the_steps_between_and_then_asks_for_a_new_
     assert memory.recall([0]) is None  # nothing drawn yet
     drawn = _completions(2)
     memory.keep(6, [0, 0], drawn)
-    for _ in range(2):  # the draw's own step, then two more
+    for _ in range(2):  # the two steps after the one that drew it
         step, again = memory.recall([0])
         assert step == 6 and again is drawn
     assert memory.recall([0]) is None

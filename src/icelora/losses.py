@@ -509,16 +509,14 @@ def _draw(model: nn.Module, plan: EditPlan, config: EditConfig, layout: IceLayou
           generators: list[torch.Generator], graphs: bool) -> Completions:
     """Completions after the layout's context rows: from the CUDA-graph sampler where ``graphs``
     and :func:`graphs_apply` allow, else eagerly, each distinct context row prefilled once."""
+    args = (config.completion_length, config.temperature, generators, plan.eos_ids, layout.groups,
+            plan.route(layout.owners))
     sampler = layout.sampler(model, plan, config.completion_length) if graphs else None
     if sampler is not None:
-        return sampler(model, layout.context, config.completion_length, config.temperature, generators,
-                       plan.eos_ids, layout.groups, plan.route(layout.owners))
+        return sampler(model, layout.context, *args)
     if layout.expand is None:
-        return sample_from_batch(model, layout.context, config.completion_length, config.temperature, generators,
-                                 plan.eos_ids, layout.groups, plan.route(layout.owners))
-    return sample_from_batch(model, layout.distinct, config.completion_length, config.temperature, generators,
-                             plan.eos_ids, layout.groups, plan.route(layout.owners), layout.expand,
-                             plan.route(layout.distinct_owners))
+        return sample_from_batch(model, layout.context, *args)
+    return sample_from_batch(model, layout.distinct, *args, layout.expand, plan.route(layout.distinct_owners))
 
 
 def _shared_prefix_pass(model: nn.Module, plan: EditPlan, config: EditConfig, layout: IceLayout,
@@ -639,7 +637,7 @@ class Objective:
         streams = len(plan.requests) if plan.independent else 1
         self.generators = [torch.Generator(device=device) for _ in range(streams)]
         self.rngs = [random.Random() for _ in range(streams)]
-        self.draws = DrawMemory(config.sample_every)
+        self.draws = DrawMemory(config.sample_every) if config.sample_every > 1 else None
 
     def __call__(self, model: nn.Module, step: int, active: Sequence[int] | None = None) -> LossParts:
         """The loss of step ``step``; ``active`` restricts an independent plan to those requests."""

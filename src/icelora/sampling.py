@@ -134,16 +134,16 @@ def sample_from_batch(
     ``expand``: the batch holds each distinct row once, and completion row ``r`` continues batch
     row ``expand[r]`` (several samples after one context): the prefill runs on the distinct rows
     and its cache is copied to the rows that share them, the decode passes run on every row.
-    ``forward_kwargs`` then go to the decode passes and ``prefill_kwargs`` (e.g. the distinct
-    rows' adapter routing) to the prefill; without ``expand`` every pass gets ``forward_kwargs``."""
+    ``forward_kwargs`` go to the decode passes and ``prefill_kwargs`` (by default the same; with
+    ``expand``, e.g. the distinct rows' adapter routing) to the prefill."""
     extra = forward_kwargs or {}
+    prefill_extra = extra if prefill_kwargs is None else prefill_kwargs
     state: dict[str, Any] = {"mask": batch.attention_mask, "positions": batch.position_ids[:, -1:], "cache": None}
 
     def run_pass(step: int, token: torch.Tensor | None) -> torch.Tensor:
         if token is None:  # the last position only, made contiguous: the output layer is then one matrix product
             with output_layer_reads(model, torch.Tensor.contiguous):
-                out = model(**batch.forward_kwargs(), **(extra if expand is None else prefill_kwargs or {}),
-                            use_cache=True, logits_to_keep=1)
+                out = model(**batch.forward_kwargs(), **prefill_extra, use_cache=True, logits_to_keep=1)
             if expand is not None:
                 out.cache.reorder_cache(expand)
                 state["mask"], state["positions"] = state["mask"][expand], state["positions"][expand]
