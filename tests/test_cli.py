@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from icelora.cli import main, parse_layers, starts_with_target
+from icelora.text import answer_kept, leading_answer, unrelated_verdict
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -61,6 +62,9 @@ def test_a_local_model_folder_edits_and_saves(capsys, tmp_path, tiny_llama_folde
     assert code == 0, err
     report = json.loads(out)
     assert report["steps"] == 2 and report["checks"][0]["prompt"] == "Q:"
+    check = report["checks"][0]
+    assert check["unchanged"] is (check["before"] == check["after"])
+    assert check["answer_kept"] is answer_kept(check["before"], check["after"])
     assert (save / "adapter_model.safetensors").exists() and (save / "icelora_ledger.json").exists()
 
 
@@ -70,6 +74,24 @@ def test_helpers():
     assert not starts_with_target("Paris", "Rome")
     assert parse_layers("4-6") == [4, 5, 6]
     assert parse_layers("1,3") == [1, 3]
+
+
+@pytest.mark.parametrize(("before", "after", "answer", "kept", "verdict"), [
+    ("Leonardo da Vinci.\n\nThe Mona Lisa is", "Leonardo da Vinci in 1502.", "Leonardo da Vinci", True,
+     "answer kept, text changed"),
+    ("New York City, and it's a symbol", "New York City, and the Statue", "New York City", True,
+     "answer kept, text changed"),
+    ("Tokyo.\n\nThe Japanese Alps", "Tokyo.\n\nThe Japanese Alps", "Tokyo", True, "unchanged"),
+    ("Paris, France.", "Rome.\n\nThe Eiffel Tower", "Paris", False, "answer CHANGED"),
+    ("\n\nParis", "\n\nRome", "", False, "answer CHANGED"),
+    ("\n\nParis", "\n\nParis ", "", True, "answer kept, text changed"),
+])
+def test_unrelated_answer_kept(before, after, answer, kept, verdict):
+    """The answer an unrelated continuation starts with is its text up to the first break; it is
+    kept when the edited continuation starts with it, whatever follows."""
+    assert leading_answer(before) == answer
+    assert answer_kept(before, after) is kept
+    assert unrelated_verdict(before, after) == verdict
 
 
 def test_eval_of_the_unedited_model_refuses_the_sequential_protocol(capsys, tmp_path):

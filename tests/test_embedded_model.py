@@ -18,6 +18,27 @@ pytestmark = pytest.mark.slow
 EIFFEL = "The Eiffel Tower is located in the city of"
 
 
+def test_demo_shows_each_edit_and_the_tally(capsys):
+    """``icelora demo`` (``make demo``; here one step per edit): each edit before and after on its
+    prompt, paraphrase and unrelated prompt with a verdict each, then the tally and the times."""
+    from icelora.cli import main
+    from icelora.demo import DEMO_EDITS
+
+    code = main(["demo", "--steps", "1", "--max-new-tokens", "4", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for n, case in enumerate(DEMO_EDITS, 1):
+        assert f"[{n}] {case.prompt} -> {case.target}   (1 steps," in out
+        for prompt in (case.prompt, case.paraphrase, case.unrelated):
+            assert f" {prompt}\n    before: " in out
+    assert out.count("[edited: ") == out.count("[paraphrase follows: ") == len(DEMO_EDITS)
+    verdicts = ("[unchanged]", "[answer kept, text changed]", "[answer CHANGED]")
+    assert sum(out.count(v) for v in verdicts) == len(DEMO_EDITS)
+    tally = [line for line in out.splitlines() if line.startswith("edited: ")]
+    assert len(tally) == 1 and tally[0].endswith(" of 3") and "unrelated answer kept: " in tally[0]
+    assert "time per edit: " in out
+
+
 def test_cli_edit_json(tmp_path):
     """The command from the README: one JSON object on stdout, the edit made, the check unchanged."""
     save = tmp_path / "eiffel"
@@ -33,7 +54,7 @@ def test_cli_edit_json(tmp_path):
     assert report["method"] == "ice-lora" and report["model"] == "smollm2-135m"
     assert not starts_with_target(report["before"], "Rome")
     assert report["success"] is True and starts_with_target(report["after"], "Rome")
-    assert report["checks"][0]["unchanged"] is True
+    assert report["checks"][0]["unchanged"] is True and report["checks"][0]["answer_kept"] is True
     assert report["checks"][0]["before"] == report["checks"][0]["after"]
     assert 0 < report["trainable_params"] / report["total_params"] < 0.02
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from icelora.config import EditConfig
 from icelora.errors import IceloraError
-from icelora.text import starts_with_target
+from icelora.text import answer_kept, starts_with_target, unrelated_verdict
 
 log = logging.getLogger("icelora")
 
@@ -162,7 +162,7 @@ def run_edit(args: argparse.Namespace) -> dict[str, Any]:
         "before": before[0], "after": after[0], "success": starts_with_target(after[0], request.target),
         "edit_seconds": round(result.seconds, 3), "steps": result.steps,
         "trainable_params": trainable, "total_params": total,
-        "checks": [{"prompt": p, "before": b, "after": a, "unchanged": a == b}
+        "checks": [{"prompt": p, "before": b, "after": a, "unchanged": a == b, "answer_kept": answer_kept(b, a)}
                    for p, b, a in zip(args.check, before[1:], after[1:])],
     }
 
@@ -177,7 +177,7 @@ def print_edit_report(report: dict[str, Any]) -> None:
     for check in report["checks"]:
         print(f"check  : {check['prompt']}")
         print(f"  before: {check['before']}")
-        print(f"  after : {check['after']}   ({'unchanged' if check['unchanged'] else 'CHANGED'})")
+        print(f"  after : {check['after']}   ({unrelated_verdict(check['before'], check['after'])})")
 
 
 def configure_logging(quiet: bool) -> None:

@@ -1,5 +1,6 @@
 """``icelora demo``: three counterfactual edits, each shown before and after on the edit prompt, a
-paraphrase it was not trained on, and an unrelated prompt that must not change."""
+paraphrase it was not trained on, and an unrelated prompt whose answer must not change; then how
+many edits took, carried to the paraphrase, and kept the unrelated answer."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from icelora.cli import resolve_config, starts_with_target
+from icelora.cli import resolve_config
 from icelora.icelora_editor import ICELoRAEditor
 from icelora.models import load_model
+from icelora.text import answer_kept, starts_with_target, unrelated_verdict
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> None:
     trainable, total = editor.parameter_counts()
     print(f"icelora demo: {args.method} on {loaded.name}, {trainable:,} of {total:,} parameters trainable "
           f"({100 * trainable / total:.2f}%), loaded in {time.perf_counter() - started:.1f} s\n")
-    times = []
+    times, tally = [], {"edited": 0, "paraphrase follows": 0, "unrelated answer kept": 0}
     for n, case in enumerate(DEMO_EDITS, 1):
         prompts = [case.prompt, case.paraphrase, case.unrelated]
         before = editor.generate_many(prompts, args.max_new_tokens)
@@ -52,14 +54,18 @@ def run_demo(args: argparse.Namespace) -> None:
         editor.revert()
         times.append(result.seconds)
         print(f"[{n}] {case.prompt} -> {case.target}   ({result.steps} steps, {result.seconds:.1f} s)")
-        verdicts = (f"edited: {starts_with_target(after[0], case.target)}",
-                    f"paraphrase follows: {starts_with_target(after[1], case.target)}",
-                    f"unchanged: {after[2] == before[2]}")
+        outcome = {"edited": starts_with_target(after[0], case.target),
+                   "paraphrase follows": starts_with_target(after[1], case.target),
+                   "unrelated answer kept": answer_kept(before[2], after[2])}
+        tally = {k: tally[k] + outcome[k] for k in tally}
+        verdicts = (f"edited: {outcome['edited']}", f"paraphrase follows: {outcome['paraphrase follows']}",
+                    unrelated_verdict(before[2], after[2]))
         for label, prompt, b, a, verdict in zip(("edit", "paraphrase", "unrelated"), prompts, before, after,
                                                 verdicts):
             print(f"  {label:<10} {prompt}")
             print(f"    before: {b!r}")
             print(f"    after : {a!r}   [{verdict}]")
         print()
+    print(", ".join(f"{k}: {v} of {len(DEMO_EDITS)}" for k, v in tally.items()))
     print(f"time per edit: {', '.join(f'{t:.1f} s' for t in times)} (mean {sum(times) / len(times):.1f} s); "
           f"whole demo {time.perf_counter() - started:.1f} s")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+#: Where the answer at the start of a continuation ends: the first sentence or clause break.
+ANSWER_END = re.compile(r"[.,;:!?\n]")
+
 
 def normalise(text: str) -> str:
     """Lower-case with runs of whitespace collapsed, for comparing generations with targets."""
@@ -11,3 +16,25 @@ def normalise(text: str) -> str:
 def starts_with_target(generation: str, target: str) -> bool:
     """True when the generation starts with the target (whitespace and case normalised)."""
     return normalise(generation).startswith(normalise(target))
+
+
+def leading_answer(generation: str) -> str:
+    """The answer a continuation starts with: its text before the first sentence or clause break
+    (``"Leonardo da Vinci."`` gives ``"Leonardo da Vinci"``), whitespace stripped."""
+    return ANSWER_END.split(generation, maxsplit=1)[0].strip()
+
+
+def answer_kept(before: str, after: str) -> bool:
+    """True when the continuation ``after`` an edit starts with the answer the one ``before`` it
+    started with (:func:`leading_answer`), whatever follows it; where ``before`` starts with a
+    break, True only for the same text."""
+    answer = leading_answer(before)
+    return starts_with_target(after, answer) if answer else normalise(after) == normalise(before)
+
+
+def unrelated_verdict(before: str, after: str) -> str:
+    """How an unrelated prompt's continuation fared in an edit: ``"unchanged"`` (the same text),
+    ``"answer kept, text changed"`` (:func:`answer_kept`) or ``"answer CHANGED"``."""
+    if after == before:
+        return "unchanged"
+    return "answer kept, text changed" if answer_kept(before, after) else "answer CHANGED"
