@@ -2,6 +2,7 @@
 
     python benchmarks/profile_edit.py --shape gpt2-xl --device cuda --dtype bfloat16 --tokenizer DIR
     python benchmarks/profile_edit.py --model smollm2-135m --method ice-lora
+    python benchmarks/profile_edit.py --model smollm2-135m --method ice-lora --edit 2 --shapes
     python benchmarks/profile_edit.py --shape gpt2-xl --device cuda --dtype bfloat16 --tokenizer DIR --edits-at-once 32
 
 With ``--edits-at-once K``, K edits trained together (each in its own adapter) take the one edit's
@@ -13,7 +14,9 @@ launched by autograd's own thread, outside its range); the device's busy fractio
 wall time: far under 1 means the host, not the arithmetic, sets the pace) and the number of kernel
 launches per step; the work an edit does once (its anchors and, under ``lora_projection_energy``,
 the protected directions); then the operators with the most host time and, on CUDA, the most device
-time. ``--trace FILE`` also writes a Chrome trace.
+time. ``--trace FILE`` also writes a Chrome trace. ``--shapes`` also lists the matrix products by
+their shapes (rows x inner x columns), with the rate each ran at, and the share of the products'
+time spent at few rows, where a pass is bound by reading the weights rather than by arithmetic.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ PHASES = (
     (torch.Tensor, "backward", "backward"),
     (torch.optim.Adam, "step", "optimizer"),
 )
+#: The matrix-product operators ``--shapes`` lists.
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
+#: Row counts (the product's first dimension) up to which ``--shapes`` counts a product as few-row.
+FEW_ROWS = (16, 128)
+
 #: Ranges around the work an edit does once, before its steps (printed per edit, not per step).
 EDIT_PHASES = (
     (icelora.icelora_editor.ICELoRAEditor, "anchor_teachers", "anchors"),
@@ -93,6 +101,47 @@ def device_time_us(event: Any, self_only: bool = False) -> float:
     return 0.0
 
 
+def product_shape(key: str, shapes: list[list[int]]) -> tuple[int, int, int, int] | None:
+    """(batch, rows, inner, columns) of a matrix product from its operator and recorded input
+    shapes (``addmm``'s bias comes first), or None where they are not a product's."""
+    operands = shapes[1:3] if key == "aten::addmm" else shapes[:2]
+    if len(operands) != 2:
+        return None
+    (a, b) = operands
+    if key == "aten::bmm" and len(a) == len(b) == 3:
+        return a[0], a[1], a[2], b[2]
+    if len(a) == len(b) == 2:
+        return 1, a[0], a[1], b[1]
+    return None
+
+
+def print_products(events: Any, steps: int, rows: int, cuda: bool) -> None:
+    """The matrix products grouped by shape, most time first, and the share of their time at few rows."""
+    timed = []
+    for event in events:
+        shape = product_shape(event.key, event.input_shapes) if event.key in PRODUCTS else None
+        if shape is None:
+            continue
+        us = device_time_us(event, self_only=True) if cuda else event.self_cpu_time_total
+        timed.append((us, event.count, shape))
+    total = sum(us for us, _, _ in timed)
+    if not total:
+        print("no matrix products recorded")
+        return
+    timed.sort(key=lambda t: t[0], reverse=True)
+    clock = "device" if cuda else "host"
+    print(f"matrix products by shape ({clock} time; {total / 1e3 / steps:.1f} ms per step in all, the work done "
+          "once per edit included)")
+    print(f"{'batch x rows x inner x columns':<32} {'calls':>7} {'ms/step':>9} {'us/call':>9} {'GFLOP/s':>8}")
+    for us, count, (batch, m, k, n) in timed[:rows]:
+        label = f"{batch} x {m} x {k} x {n}" if batch > 1 else f"{m} x {k} x {n}"
+        rate = 2 * batch * m * k * n * count / us / 1e3
+        print(f"{label:<32} {count:>7} {us / 1e3 / steps:>9.1f} {us / count:>9.1f} {rate:>8.1f}")
+    for limit in FEW_ROWS:
+        few = sum(us for us, _, (_, m, _, _) in timed if m <= limit)
+        print(f"products with at most {limit} rows: {few / total:.0%} of the products' time")
+
+
 def edit_call(editor: ICELoRAEditor, requests: list[EditRequest]) -> int:
     """Edit ``requests`` (one: :meth:`ICELoRAEditor.edit`; more: trained together, each in its own
     adapter), then undo it; the steps taken (with several edits, the most any of them took)."""
@@ -122,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="replay ICE's sampling and training passes from CUDA graphs "
                              "(auto: on CUDA; sampling: the sampling passes only)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace to this file")
+    parser.add_argument("--shapes", action="store_true",
+                        help="also list the matrix products by shape, with their rates (records input shapes)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     try:
@@ -147,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     edit_call(editor, requests)  # untimed: first-call costs
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with phase_ranges(), profile(activities=activities) as prof:
+    with phase_ranges(), profile(activities=activities, record_shapes=args.shapes) as prof:
         start = time.perf_counter()
         steps_taken = edit_call(editor, requests)
         if cuda:
@@ -182,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'operator':<60} {'calls':>7} {'device ms':>10}")
         for event in ranked:
             print(f"{event.key[:60]:<60} {event.count:>7} {device_time_us(event, self_only=True) / 1e3:>10.2f}")
+    if args.shapes:
+        print_products(prof.key_averages(group_by_input_shape=True), steps, args.rows, cuda)
     if args.trace:
         prof.export_chrome_trace(args.trace)
     return 0

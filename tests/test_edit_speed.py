@@ -96,9 +96,16 @@ def test_profile_of_one_edit_names_its_phases(tiny_llama_folder, tmp_path, capsy
 
     trace = tmp_path / "trace.json"
     assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "ice-lora", "--steps", "2", "--rows", "5",
-                              "--trace", str(trace)]) == 0
+                              "--trace", str(trace), "--shapes"]) == 0
     out = capsys.readouterr().out
     assert "ms per step" in out
+    products = out.split("matrix products by shape (host time; ")[1].splitlines()
+    listed = products[2:7]
+    assert len(listed) == 5 and all(float(line.split()[-1]) > 0 for line in listed)  # GFLOP/s of each shape
+    assert [float(line.split()[-3]) for line in listed] == sorted((float(line.split()[-3]) for line in listed),
+                                                                   reverse=True)  # most time first
+    shares = [line for line in products if line.startswith("products with at most")]
+    assert [line.split()[4] for line in shares] == ["16", "128"]
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("phase"))
     phases = {line.split()[0]: float(line.split()[1]) for line in lines[header + 1: header + 5]}
@@ -108,6 +115,15 @@ def test_profile_of_one_edit_names_its_phases(tiny_llama_folder, tmp_path, capsy
     import icelora.losses
     assert not hasattr(icelora.losses.Objective.__call__, "__wrapped__")  # the ranges are taken out again
     assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "nope"]) == 2
+
+
+def test_product_shapes_are_read_from_each_operator():
+    import profile_edit
+
+    assert profile_edit.product_shape("aten::mm", [[5, 576], [576, 1536]]) == (1, 5, 576, 1536)
+    assert profile_edit.product_shape("aten::addmm", [[1536], [5, 576], [576, 1536], [], []]) == (1, 5, 576, 1536)
+    assert profile_edit.product_shape("aten::bmm", [[3, 5, 64], [3, 64, 7]]) == (3, 5, 64, 7)
+    assert profile_edit.product_shape("aten::mm", [[5, 576]]) is None
 
 
 def test_profile_of_edits_trained_together_names_the_once_per_call_work(tiny_llama_folder, capsys):
