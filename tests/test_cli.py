@@ -83,6 +83,10 @@ def test_helpers():
      "answer kept, text changed"),
     ("Tokyo.\n\nThe Japanese Alps", "Tokyo.\n\nThe Japanese Alps", "Tokyo", True, "unchanged"),
     ("Paris, France.", "Rome.\n\nThe Eiffel Tower", "Paris", False, "answer CHANGED"),
+    ("Paris.", "Parisian food.", "Paris", False, "answer CHANGED"),
+    ("Paris.", "paris", "Paris", True, "answer kept, text changed"),
+    ("3.5 million people.", "3.6 million people.", "3.5 million people", False, "answer CHANGED"),
+    ("1,000 metres, the", "1,000 metres high", "1,000 metres", True, "answer kept, text changed"),
     ("\n\nParis", "\n\nRome", "", False, "answer CHANGED"),
     ("\n\nParis", "\n\nParis ", "", True, "answer kept, text changed"),
 ])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-#: Where the answer at the start of a continuation ends: the first sentence or clause break.
-ANSWER_END = re.compile(r"[.,;:!?\n]")
+#: Where the answer at the start of a continuation ends: the first sentence or clause break (a
+#: punctuation mark before a space or the end, so that "3.5" or "1,000" stay whole) or line break.
+ANSWER_END = re.compile(r"[.,;:!?](?=\s|$)|\n")
 
 
 def normalise(text: str) -> str:
@@ -26,10 +27,12 @@ def leading_answer(generation: str) -> str:
 
 def answer_kept(before: str, after: str) -> bool:
     """True when the continuation ``after`` an edit starts with the answer the one ``before`` it
-    started with (:func:`leading_answer`), whatever follows it; where ``before`` starts with a
-    break, True only for the same text."""
-    answer = leading_answer(before)
-    return starts_with_target(after, answer) if answer else normalise(after) == normalise(before)
+    started with (:func:`leading_answer`) as whole words, whatever follows it ("Paris" is not kept
+    by "Parisian"); where ``before`` starts with a break, True only for the same text."""
+    answer, rest = normalise(leading_answer(before)), normalise(after)
+    if not answer:
+        return rest == normalise(before)
+    return rest.startswith(answer) and not rest[len(answer):][:1].isalnum()
 
 
 def unrelated_verdict(before: str, after: str) -> str:
