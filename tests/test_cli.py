@@ -72,6 +72,10 @@ def test_helpers():
     assert starts_with_target("  rome, Italy", "Rome")
     assert starts_with_target("New  York City", "new york")
     assert not starts_with_target("Paris", "Rome")
+    # exact_match keeps the plain prefix test; the whole-word one is asked for
+    assert starts_with_target("Parisian food", "Paris")
+    assert not starts_with_target("Parisian food", "Paris", whole_words=True)
+    assert starts_with_target("Paris, France", "paris", whole_words=True)
     assert parse_layers("4-6") == [4, 5, 6]
     assert parse_layers("1,3") == [1, 3]
 

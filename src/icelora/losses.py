@@ -475,8 +475,10 @@ def ice_loss(model: nn.Module, plan: EditPlan, config: EditConfig, step: int,
     requests in the plan the memory was made for (default: the same plan).
     """
     device = next(model.parameters()).device
-    requests = list(range(len(plan.requests))) if requests is None else list(requests)
-    recalled = memory.recall(requests) if memory is not None else None
+    recalled = None
+    if memory is not None:
+        requests = list(range(len(plan.requests))) if requests is None else list(requests)
+        recalled = memory.recall(requests)
     if recalled is not None:
         drawn_at, completions = recalled
         layout = ice_layout(plan, config, device, drawn_at)
@@ -655,7 +657,7 @@ class Objective:
         if not self.config.lambda_locality:
             return self.objective_parts(model, plan, step, generators, rngs, None, requests)
         # one set of anchors per independent edit, each row routed to its owner's adapter
-        owners = list(active if active is not None else range(len(plan.requests))) if plan.independent else [0]
+        owners = requests if plan.independent else [0]
         teachers = [self.anchors[k] if len(self.anchors) > 1 else self.anchors[0] for k in owners]
         chosen = choose_each(teachers, self.config.locality_anchors, self.config.seed, step)
         device = next(model.parameters()).device

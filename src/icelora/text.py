@@ -14,9 +14,11 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def starts_with_target(generation: str, target: str) -> bool:
-    """True when the generation starts with the target (whitespace and case normalised)."""
-    return normalise(generation).startswith(normalise(target))
+def starts_with_target(generation: str, target: str, whole_words: bool = False) -> bool:
+    """True when the generation starts with the target (whitespace and case normalised);
+    ``whole_words``: and the target does not end inside a word of it ("Paris" not in "Parisian")."""
+    text, start = normalise(generation), normalise(target)
+    return text.startswith(start) and not (whole_words and text[len(start):][:1].isalnum())
 
 
 def leading_answer(generation: str) -> str:
@@ -29,10 +31,10 @@ def answer_kept(before: str, after: str) -> bool:
     """True when the continuation ``after`` an edit starts with the answer the one ``before`` it
     started with (:func:`leading_answer`) as whole words, whatever follows it ("Paris" is not kept
     by "Parisian"); where ``before`` starts with a break, True only for the same text."""
-    answer, rest = normalise(leading_answer(before)), normalise(after)
+    answer = leading_answer(before)
     if not answer:
-        return rest == normalise(before)
-    return rest.startswith(answer) and not rest[len(answer):][:1].isalnum()
+        return normalise(after) == normalise(before)
+    return starts_with_target(after, answer, whole_words=True)
 
 
 def unrelated_verdict(before: str, after: str) -> str:
