@@ -29,6 +29,7 @@ def test_every_method_is_a_valid_preset():
     ({"contexts_per_step": 2.5}, "contexts_per_step"),
     ({"sample_every": 0}, "sample_every"),
     ({"sample_every": 1.5}, "sample_every"),
+    ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(InvalidConfigError, match=field):
@@ -46,6 +47,12 @@ def test_sample_every_is_refused_outside_the_ice_objective():
         method_config("lora", sample_every=2)
     assert method_config("ice", sample_every=1).sample_every == 1  # every step: allowed for any objective
     assert method_config("ice-lora", sample_every=3).sample_every == 3
+
+
+def test_loraplus_ratio_is_refused_on_full_matrices():
+    with pytest.raises(InvalidConfigError, match="loraplus_lr_ratio needs parameterization lora"):
+        method_config("ice", loraplus_lr_ratio=4.0)
+    assert method_config("ice", loraplus_lr_ratio=1.0).loraplus_lr_ratio == 1.0
 
 
 def test_unknown_method_and_key():

@@ -138,6 +138,35 @@ def test_same_seed_same_edit(tiny):
     assert not torch.equal(a.logits(PROBE), c.logits(PROBE))
 
 
+def test_loraplus_ratio_scales_the_learning_rate_of_b(tiny):
+    """LoRA+: with ``loraplus_lr_ratio`` 4, ``B``'s first Adam step (``lr * g / |g|`` elementwise,
+    ``B`` starting at zero so ``A`` gets no gradient yet) is 4 times the one-rate step; ``A`` ends
+    the same either way (moved by the preset's projection alone), and the optimizer has one group
+    per rate."""
+    kind = tiny.name.removeprefix("tiny-")
+    steps = {}
+    for ratio in (1.0, 4.0):
+        editor = editor_for(TINY_BUILDERS[kind](), "ice-lora", learning_rate=1e-3, max_steps=1,
+                            loraplus_lr_ratio=ratio)
+        before = {n: p.detach().clone() for n, p in editor.params.named_trainable().items()}
+        editor.edit(REQUEST, progress=False)
+        steps[ratio] = {n: p.detach() - before[n] for n, p in editor.params.named_trainable().items()}
+    b_names = [n for n in steps[1.0] if ".lora_B." in n]
+    assert b_names and len(b_names) < len(steps[1.0])
+    for name, change in steps[1.0].items():
+        if ".lora_B." in name:
+            assert change.abs().max() > 0
+            assert torch.allclose(steps[4.0][name], 4 * change, rtol=1e-4, atol=1e-9), name
+        else:
+            assert torch.equal(change, steps[4.0][name]), name
+    from icelora.editing_loop import make_optimizer
+
+    groups = make_optimizer(editor.params, editor.config).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 4e-3]
+    assert sum(len(g["params"]) for g in groups) == len(steps[1.0])
+    assert len(make_optimizer(editor.params, editor.config.replace(loraplus_lr_ratio=1.0)).param_groups) == 1
+
+
 def test_saving_over_a_foreign_folder_is_refused(tiny, tmp_path):
     folder = tmp_path / "notes"
     folder.mkdir()

@@ -105,7 +105,8 @@ def test_loop_drops_a_stopped_edit_and_leaves_its_tensors_alone():
         values_after.append(weights[0].detach().clone())
         return original(model, step, active)
 
-    histories = run_independent_edit_loop(None, NoParams(), weights, watching, 2, config, progress=False)
+    named = {f"w{k}": w for k, w in enumerate(weights)}
+    histories = run_independent_edit_loop(None, NoParams(), named, watching, 2, config, progress=False)
     assert [len(h) for h in histories] == [2, 5]
     assert seen_active == [[0, 1], [0, 1], [1], [1], [1]]
     assert all(torch.equal(v, values_after[2]) for v in values_after[2:])
@@ -120,7 +121,8 @@ def _adapter_tensors(editor: ICELoRAEditor, name: str) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
 @pytest.mark.parametrize("method", ["ice-lora", "lora", "ice-lora+anchors", "ice-lora+subject-anchors",
                                     "ice-lora+relation-anchors", "ice-lora+projected-relation-anchors",
-                                    "ice-lora+sample-every-2", "ice-lora+two-samples-per-context"])
+                                    "ice-lora+sample-every-2", "ice-lora+two-samples-per-context",
+                                    "ice-lora+loraplus", "ice-lora+projected-aligned-inputs"])
 @pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplog):
     """In float64, so that "equal up to rounding" can be checked tightly (Adam at a high learning
@@ -132,7 +134,10 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     ``+relation-anchors``: the same with its subject's other relations; ``+projected-relation-anchors``:
     with each adapter kept orthogonal to its own anchors' leading input directions;
     ``+sample-every-2``: each draw reused for one more step, after some edits have stopped too;
-    ``+two-samples-per-context``: each context row prefilled once for its two samples, routed."""
+    ``+two-samples-per-context``: each context row prefilled once for its two samples, routed;
+    ``+loraplus``: each adapter's ``B`` at 4 times the learning rate of its ``A``;
+    ``+projected-aligned-inputs``: each adapter's ``A`` started on its own edit's inputs, off its
+    own anchors' directions."""
     loaded = builder()
     loaded.model.double()
     requests = REQUESTS
@@ -148,7 +153,11 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
         extra["sample_every"] = 2
     if method.endswith("two-samples-per-context"):
         extra["samples_per_context"] = 2
-    method = method.split("+")[0]
+    if method.endswith("loraplus"):
+        extra["loraplus_lr_ratio"] = 4.0
+    if method.endswith("aligned-inputs"):
+        extra["lora_init"] = "edit_inputs"
+    variant, method = method, method.split("+")[0]
     editor = ICELoRAEditor(loaded, method=method, **SETTINGS, **extra)
     probe = torch.tensor([editor.tokenizer(PROBE)["input_ids"]])
     plain_logits = editor.model(probe).logits
@@ -183,7 +192,7 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
     assert torch.equal(editor.model(probe).logits, held)
     editor.revert()
     assert torch.equal(editor.model(probe).logits, plain_logits)
-    if method == "ice-lora":
+    if variant == "ice-lora":
         assert len({r.steps for r, _, _ in alone}) > 1, "the edits should stop at different steps"
     assert editor.parameter_counts() == counts
     assert not any(".edit_" in n for n, _ in editor.model.named_parameters())

@@ -16,6 +16,7 @@ OBJECTIVES = ("ft", "ft-last", "ice", "ice-reference")
 PARAMETERIZATIONS = ("lora", "full")
 LOCALITY_ANCHOR_KINDS = ("general", "subject", "relation")
 LORA_PROJECTION_SCOPES = ("adapter", "edit")
+LORA_INITS = ("random", "edit_inputs")
 #: float16 is left out: its gradients need loss scaling, which the editing loop does not do.
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
@@ -63,6 +64,15 @@ class EditConfig:
         of ``A`` off the protected directions before the optimizer step, so Adam's moments hold
         only what the adapter may learn (the update is still projected after the step: Adam's
         per-element scaling can turn a projected gradient back into the protected directions).
+    loraplus_lr_ratio: LoRA only: the learning rate of the adapters' output projections ``B``
+        over ``learning_rate``, which ``A`` keeps (LoRA+, Hayou et al., arXiv 2402.12354); 1: one
+        learning rate for both.
+    lora_init: how an adapter's input projection ``A`` starts: ``random`` (PEFT's initialisation) or
+        ``edit_inputs``: at the start of an edit call, in every adapted module whose ``B`` is still
+        zero (an adapter that has learned nothing there), the leading rows of ``A`` are set to the
+        leading directions of the inputs the module receives on the requests' prompt and target
+        (off the protected directions under ``lora_projection_energy``), each at the norm of the
+        row it replaces (:mod:`icelora.input_alignment`).
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
@@ -105,6 +115,8 @@ class EditConfig:
     lora_projection_energy: float | None = None
     lora_projection_scope: str = "adapter"
     lora_projection_gradients: bool = False
+    loraplus_lr_ratio: float = 1.0
+    lora_init: str = "random"
     autocast_dtype: str | None = None
     replay_edits: int = 0
     lambda_replay: float = 1.0
@@ -132,7 +144,7 @@ class EditConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
-        positive_floats = ("learning_rate", "lora_alpha", "temperature")
+        positive_floats = ("learning_rate", "lora_alpha", "temperature", "loraplus_lr_ratio")
         for name in positive_floats:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -187,6 +199,14 @@ class EditConfig:
         if self.lora_projection_gradients and energy is None:
             raise InvalidConfigError("lora_projection_gradients needs lora_projection_energy (there are no "
                                      "protected directions to project the gradients off without it)")
+        if self.loraplus_lr_ratio != 1 and self.parameterization != "lora":
+            raise InvalidConfigError(f"loraplus_lr_ratio needs parameterization lora (it sets the learning rate "
+                                     f"of LoRA's B matrices), got {self.loraplus_lr_ratio!r} with "
+                                     f"{self.parameterization!r}")
+        if self.lora_init not in LORA_INITS:
+            raise InvalidConfigError(f"lora_init must be one of {list(LORA_INITS)}, got {self.lora_init!r}")
+        if self.lora_init != "random" and self.parameterization != "lora":
+            raise InvalidConfigError(f"lora_init {self.lora_init!r} needs parameterization lora")
         per_step = self.contexts_per_step
         if per_step is not None:
             if not isinstance(per_step, int) or isinstance(per_step, bool) or per_step < 1:

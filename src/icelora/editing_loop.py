@@ -65,10 +65,21 @@ def autocast(model: nn.Module, config: EditConfig) -> contextlib.AbstractContext
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
-def make_optimizer(params: Parameterization | list[torch.Tensor], config: EditConfig) -> torch.optim.Optimizer:
-    """Adam over the trainable tensors (the ICE reference code's optimizer)."""
-    tensors = params if isinstance(params, list) else params.trainable_parameters()
-    return torch.optim.Adam(tensors, lr=config.learning_rate, weight_decay=config.weight_decay)
+def make_optimizer(params: Parameterization | dict[str, torch.Tensor], config: EditConfig) -> torch.optim.Optimizer:
+    """Adam over the trainable tensors (the ICE reference code's optimizer).
+
+    With ``loraplus_lr_ratio`` other than 1 (LoRA+, Hayou et al., arXiv 2402.12354) the LoRA
+    output projections ``B`` (tensors named ``.lora_B.``) form a second group whose learning rate
+    is that many times ``learning_rate``; otherwise there is one group.
+    """
+    named = params if isinstance(params, dict) else params.named_trainable()
+    ratio = config.loraplus_lr_ratio
+    if ratio == 1:
+        return torch.optim.Adam(list(named.values()), lr=config.learning_rate, weight_decay=config.weight_decay)
+    outputs = [p for n, p in named.items() if ".lora_B." in n]
+    inputs = [p for n, p in named.items() if ".lora_B." not in n]
+    groups = [{"params": inputs}, {"params": outputs, "lr": config.learning_rate * ratio}]
+    return torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callable[[nn.Module, int], LossParts],
@@ -107,7 +118,7 @@ def run_edit_loop(model: nn.Module, params: Parameterization, objective: Callabl
     return history
 
 
-def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensors: list[torch.Tensor],
+def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensors: dict[str, torch.Tensor],
                               objective: Callable[[nn.Module, int, list[int]], LossParts], count: int,
                               config: EditConfig, progress: bool = True) -> list[list[StepRecord]]:
     """Train ``count`` independent edits together: one batched forward/backward per step.
@@ -115,8 +126,8 @@ def run_independent_edit_loop(model: nn.Module, params: Parameterization, tensor
     ``objective(model, step, active)`` returns the summed loss of the edits still running, each
     edit's rows going through its own adapter, so each adapter's gradient is the one it would get
     alone. An edit that stops early leaves the batch: its tensors get no gradient from then on,
-    and Adam skips tensors without a gradient, so they keep their values. Returns each edit's
-    step history.
+    and Adam skips tensors without a gradient, so they keep their values. ``tensors``: every
+    edit's trainable tensors, by parameter name. Returns each edit's step history.
     """
     optimizer = make_optimizer(tensors, config)
     histories: list[list[StepRecord]] = [[] for _ in range(count)]

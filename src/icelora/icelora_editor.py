@@ -202,6 +202,7 @@ class ICELoRAEditor:
             objective = ReplayObjective(objective, replayed, self.config, self.replay_anchors(replayed))
         torch.manual_seed(self.config.seed)
         with self.anchors_protected(teachers, [ADAPTER_NAME]):
+            self.align_inputs([[pt.ids for pt in plan.encoded]], [ADAPTER_NAME])
             history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress,
                                     on_step=on_step)
         if model_device(self.model).type == "cuda":
@@ -262,8 +263,10 @@ class ICELoRAEditor:
         objective = Objective(plan, self.config, model_device(self.model), teachers)
         objective.cuda_graphs = self.cuda_graphs
         with self.anchors_protected(teachers, names):
-            histories = run_independent_edit_loop(self.model, self.params, [p for g in tensors for p in g.values()],
-                                                  objective, len(batch), self.config, progress=progress)
+            self.align_inputs([[pt.ids] for pt in plan.encoded], names)
+            named = {n: p for group in tensors for n, p in group.items()}
+            histories = run_independent_edit_loop(self.model, self.params, named, objective, len(batch), self.config,
+                                                  progress=progress)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
         return histories, time.perf_counter() - start
@@ -314,6 +317,22 @@ class ICELoRAEditor:
         finally:
             for adapter in adapters:
                 self.params.protect(None, adapter)
+
+    def align_inputs(self, rows: list[list[Sequence[int]]], adapters: list[str]) -> None:
+        """Under ``lora_init`` ``edit_inputs``: start each adapter's ``A`` on the inputs its modules
+        receive on ``rows[k]`` (token rows: the prompt and target of adapter ``k``'s requests),
+        measured in one forward pass on the model as each adapter sees it; modules whose ``B`` has
+        learned something are left as they are. Call within :meth:`anchors_protected`, so that the
+        aligned rows are blind to the protected directions. Nothing happens under ``random``."""
+        if self.config.lora_init != "edit_inputs" or not isinstance(self.params, LoraParameterization):
+            return
+        flat = [row for each in rows for row in each]
+        route = {} if adapters == [ADAPTER_NAME] else {
+            "adapter_names": [adapter for adapter, each in zip(adapters, rows) for _ in each]}
+        inputs = module_inputs(self.model, self.params.base_modules(), flat, self.tokenizer.pad_token_id, **route)
+        positions = [sum(len(row) for row in each) for each in rows]
+        aligned = self.params.align_inputs({name: list(x.split(positions)) for name, x in inputs.items()}, adapters)
+        log.debug("aligned the input projections of %d adapted module(s) with the edit's inputs", aligned)
 
     def _anchor_inputs(self, teachers: list[AnchorTeacher], adapters: list[str],
                        on_unedited: bool) -> dict[str, list[torch.Tensor]]:

@@ -18,6 +18,7 @@ from torch import nn
 from icelora.architecture import ArchitectureMap
 from icelora.config import EditConfig
 from icelora.errors import AdapterFolderError
+from icelora.input_alignment import align_rows, leading_input_rows
 from icelora.input_projection import project_off
 from icelora.lora_utils import ADAPTER_NAME, attach_lora, build_lora_config, lora_layers, merged_state_dict
 from icelora.row_routing import install_row_routing
@@ -112,6 +113,24 @@ class LoraParameterization(Parameterization):
         # this adapter only: projecting the others again would move their rounding
         for weight, u, values in held if at_once else ():
             project_off(weight, u, values)
+
+    def align_inputs(self, inputs: dict[str, list[torch.Tensor]], adapters: list[str]) -> int:
+        """Start the leading rows of ``A`` of each of ``adapters`` (in each module whose ``B`` is
+        still zero) on the leading directions of that adapter's ``inputs`` (module -> one
+        [positions, in] tensor per adapter), off its protected directions where it has some
+        (:mod:`icelora.input_alignment`). Returns the number of modules aligned."""
+        modules = lora_layers(self.model)
+        aligned = 0
+        for k, adapter in enumerate(adapters):
+            held = {id(weight): u for weight, u, _ in self.protected.get(adapter, [])}
+            for name, each in inputs.items():
+                module = modules[name]
+                if module.lora_B[adapter].weight.any():
+                    continue
+                weight = module.lora_A[adapter].weight
+                align_rows(weight, leading_input_rows(each[k], weight.shape[0], held.get(id(weight))))
+                aligned += 1
+        return aligned
 
     def before_step(self) -> None:
         """Under ``lora_projection_gradients``: each protected ``A``'s gradient is projected off its

@@ -178,6 +178,8 @@ def _train_batch(editor: ICELoRAEditor, requests: list, config: TrainConfig, edi
     # under lora_projection_energy: every minibatch's anchors, their inputs measured on the unedited
     # model, so that a run resumed from a checkpoint protects what its first part protected
     with editor.anchors_protected(every, [ADAPTER_NAME], on_unedited=True, resumed=start > 0):
+        if start == 0:  # a resumed run's adapter comes from its checkpoint, aligned already
+            editor.align_inputs([[pt.ids for plan in plans for pt in plan.encoded]], [ADAPTER_NAME])
         run_edit_loop(editor.model, editor.params, objective, edit_config, optimizer=optimizer, start_step=start,
                       on_step=on_step)
 
