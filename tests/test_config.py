@@ -78,6 +78,7 @@ def test_each_method_config_file_is_its_preset(method):
     settings = read_config_file(Path(__file__).parents[1] / "configs" / "methods" / f"{method}.yaml")
     assert settings.pop("method") == method
     assert EditConfig.from_dict(settings) == method_config(method)
+    assert list(settings) == list(method_config(method).to_dict())  # every key, in the dataclass's order
 
 
 def test_config_file_errors_name_the_file_and_key(tmp_path):
