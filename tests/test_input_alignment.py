@@ -10,6 +10,7 @@ from icelora.errors import InvalidConfigError
 from icelora.input_alignment import align_rows, leading_input_rows
 from icelora.input_projection import leading_directions, module_inputs
 from icelora.lora_utils import ADAPTER_NAME, lora_layers
+from icelora.losses import build_plan
 from icelora.methods import method_config
 from tests.test_input_projection import REQUEST
 from tests.test_input_projection import SETTINGS as PROJECTION_SETTINGS
@@ -55,8 +56,6 @@ def test_an_edit_starts_its_adapters_on_its_own_inputs(tiny, energy):
                            lora_init="edit_inputs")
     probe = torch.tensor([editor.tokenizer(REQUEST.prompt)["input_ids"]])
     plain = editor.model(probe).logits
-    from icelora.losses import build_plan
-
     (encoded,) = build_plan(editor.tokenizer, [REQUEST], editor.config).encoded
     row = list(encoded.ids)
     inputs = module_inputs(editor.model, editor.params.base_modules(), [row], editor.tokenizer.pad_token_id)
