@@ -326,26 +326,28 @@ class ICELoRAEditor:
         aligned rows are blind to the protected directions. Nothing happens under ``random``."""
         if self.config.lora_init != "edit_inputs" or not isinstance(self.params, LoraParameterization):
             return
-        flat = [row for each in rows for row in each]
-        route = {} if adapters == [ADAPTER_NAME] else {
-            "adapter_names": [adapter for adapter, each in zip(adapters, rows) for _ in each]}
-        inputs = module_inputs(self.model, self.params.base_modules(), flat, self.tokenizer.pad_token_id, **route)
-        positions = [sum(len(row) for row in each) for each in rows]
-        aligned = self.params.align_inputs({name: list(x.split(positions)) for name, x in inputs.items()}, adapters)
+        aligned = self.params.align_inputs(self._inputs_each(rows, adapters), adapters)
         log.debug("aligned the input projections of %d adapted module(s) with the edit's inputs", aligned)
 
     def _anchor_inputs(self, teachers: list[AnchorTeacher], adapters: list[str],
                        on_unedited: bool) -> dict[str, list[torch.Tensor]]:
-        """Module -> what it receives at the real positions of each adapter's teacher's anchors, on
-        the model as that adapter sees it (the main adapter: the model as it is; a separate one:
-        its rows routed to it), in the order of ``adapters``, all from one forward pass."""
-        rows = [row for teacher in teachers for row in teacher.rows]
+        """Module -> what it receives at the real positions of each adapter's teacher's anchors
+        (:meth:`_inputs_each`)."""
+        return self._inputs_each([teacher.rows for teacher in teachers], adapters, on_unedited)
+
+    def _inputs_each(self, rows: list[Sequence[Sequence[int]]], adapters: list[str],
+                     on_unedited: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Module -> what it receives at the real positions of each adapter's token ``rows``, on the
+        model as that adapter sees it (the main adapter: the model as it is; a separate one: its
+        rows routed to it; ``on_unedited``: the unedited model), in the order of ``adapters``, all
+        from one forward pass."""
+        flat = [row for each in rows for row in each]
         route = {} if adapters == [ADAPTER_NAME] else {
-            "adapter_names": [adapter for adapter, teacher in zip(adapters, teachers) for _ in teacher.rows]}
+            "adapter_names": [adapter for adapter, each in zip(adapters, rows) for _ in each]}
         with self.unedited() if on_unedited else contextlib.nullcontext():
-            inputs = module_inputs(self.model, self.params.base_modules(), rows, self.tokenizer.pad_token_id,
+            inputs = module_inputs(self.model, self.params.base_modules(), flat, self.tokenizer.pad_token_id,
                                    **route)
-        positions = [sum(len(row) for row in teacher.rows) for teacher in teachers]
+        positions = [sum(len(row) for row in each) for each in rows]
         return {name: list(x.split(positions)) for name, x in inputs.items()}
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:

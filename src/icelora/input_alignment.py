@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from icelora.input_projection import project_off
+
 #: Directions whose singular value is under this share of the largest are left out (rounding).
 RELATIVE_FLOOR = 1e-6
 
@@ -26,10 +28,9 @@ def leading_input_rows(inputs: torch.Tensor, rank: int, protected: torch.Tensor 
     orthonormal columns ``protected`` [in_features, k] where given. Each row is signed so that the
     inputs' coefficients on it sum to a positive number (the SVD's sign is arbitrary); directions
     with a singular value under :data:`RELATIVE_FLOOR` of the largest are left out."""
-    x = inputs.double()
+    x = inputs.to(torch.float64, copy=True)
     if protected is not None:
-        u = protected.to(x.device, x.dtype)
-        x = x - (x @ u) @ u.T
+        project_off(x, protected.to(x.device, x.dtype))
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     if not s.numel() or not s[0] > 0:
         return x.new_zeros(0, x.shape[1])
