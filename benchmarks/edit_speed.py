@@ -11,7 +11,11 @@ contexts.
 no trained weights; the completion length is fixed, so every step does the same work).
 ``--edits-at-once K`` adds a row per LoRA method where K edits train together, each in its own
 adapter; its seconds per edit are the joint time over K. ``--dtype`` is the dtype of the weights
-(LoRA adapters stay in float32); ``--autocast bfloat16`` runs the passes under ``torch.autocast``.
+(LoRA adapters stay in float32); ``--ice-lora-dtype`` gives ``ice-lora`` other weights than the rest
+(``--dtype float32 --ice-lora-dtype bfloat16``: the reference's float32 against ICE-LoRA in bfloat16,
+same run); ``--autocast bfloat16`` runs the passes under ``torch.autocast``. A method whose
+configuration sets ``frozen_dtype`` shows as ``float32/bfloat16`` (the model's weights, then those it
+edits on), and its floor uses the matrix-multiply rate of the latter.
 
 On CUDA the table also counts the host-device synchronisations per step, on an untimed edit with
 torch's sync debug mode on, and names the lines they come from in the JSON.
@@ -296,7 +300,8 @@ def time_method(make: Callable[[], LoadedModel], method: str, requests: list[Edi
            "median_seconds_per_edit": statistics.median(seconds),
            "min_seconds_per_edit": min(seconds), "max_seconds_per_edit": max(seconds),
            "median_steps": statistics.median(steps), "peak_memory_mb": round(memory.mb, 1),
-           "trainable_params": trainable, "flops_per_step": per_step,
+           "trainable_params": trainable, "dtype": str(next(editor.model.parameters()).dtype).removeprefix("torch."),
+           "flops_per_step": per_step,
            "median_floor_seconds": statistics.median(floors),
            "x_floor": statistics.median(s / f for s, f in zip(seconds, floors)),
            "seconds_per_edit": seconds, "steps": steps, "warmup": warmup,
@@ -361,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --edits-at-once K: time only the rows of K edits trained together")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="dtype of the weights (float32, bfloat16)")
+    parser.add_argument("--ice-lora-dtype", default=None,
+                        help="dtype of the weights for ice-lora's rows only (default: --dtype)")
     parser.add_argument("--autocast", default=None, choices=["bfloat16"],
                         help="run each step's passes under torch.autocast in this dtype")
     parser.add_argument("--warmup", action="store_true",
@@ -386,33 +393,54 @@ def main(argv: list[str] | None = None) -> int:
             raise IceloraError(f"--edits-at-once must be at least 1, got {args.edits_at_once}")
         if args.only_at_once and args.edits_at_once == 1:
             raise IceloraError("--only-at-once needs --edits-at-once K with K > 1")
+        if args.ice_lora_dtype and "ice-lora" not in methods:
+            raise IceloraError("--ice-lora-dtype needs ice-lora among --methods")
+        for named in (args.dtype, args.ice_lora_dtype):  # an unknown name fails before any model loads
+            resolve_dtype(named, resolve_device(args.device))
         requests = benchmark_requests(args.edits)
         tokenizer = load_tokenizer(args.tokenizer) if args.shape else None
         overrides = {"autocast_dtype": args.autocast} if args.autocast else {}
         configs = {"ice-lora": ice_lora_config(args.ice_lora_config)} if args.ice_lora_config else {}
 
-        def make() -> LoadedModel:
-            if args.shape:
-                return random_model(args.shape, args.device, args.dtype, tokenizer)
-            return load_model(args.model, device=args.device, dtype=args.dtype)
+        def dtype_of(method: str) -> str | None:
+            return args.ice_lora_dtype if method == "ice-lora" and args.ice_lora_dtype else args.dtype
 
-        probe = make().model
+        def maker(dtype: str | None) -> Callable[[], LoadedModel]:
+            def make() -> LoadedModel:
+                if args.shape:
+                    return random_model(args.shape, args.device, dtype, tokenizer)
+                return load_model(args.model, device=args.device, dtype=dtype)
+            return make
+
+        probe = maker(args.dtype)().model
         device, dtype = next(probe.parameters()).device, next(probe.parameters()).dtype
         del probe
-        compute_dtype = AUTOCAST_DTYPES[args.autocast] or dtype  # the dtype the products run in
-        rate = matmul_flops_per_second(device, compute_dtype)
-        log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rate / 1e9, device, compute_dtype)
+        rates: dict[torch.dtype, float] = {}  # matrix-multiply rate per dtype the products run in
+        def compute_dtype_of(method: str) -> torch.dtype:  # the dtype the products run in
+            frozen = configs[method].frozen_dtype if method in configs else method_config(method).frozen_dtype
+            return (AUTOCAST_DTYPES[args.autocast] or AUTOCAST_DTYPES[frozen]
+                    or resolve_dtype(dtype_of(method), device))
+
+        compute_dtypes = {m: compute_dtype_of(m) for m in methods}
+        for compute_dtype in dict.fromkeys([AUTOCAST_DTYPES[args.autocast] or dtype, *compute_dtypes.values()]):
+            rates[compute_dtype] = matmul_flops_per_second(device, compute_dtype)
+            log.info("matrix multiply: %.1f GFLOP/s (%s, %s)", rates[compute_dtype] / 1e9, device, compute_dtype)
+        rate = rates[AUTOCAST_DTYPES[args.autocast] or dtype]
         sizes = [args.edits_at_once] if args.only_at_once else sorted({1, args.edits_at_once})
         plan = [(m, k) for m in methods for k in sizes if k == 1 or METHOD_IS_LORA[m]]
         report = {"methods": [], "model": f"random {args.shape}" if args.shape else args.model,
                   "device": str(device), "device_name": device_name(device),
-                  "dtype": str(dtype).removeprefix("torch."), "autocast": args.autocast, "edits": args.edits,
-                  "cuda_graphs": args.cuda_graphs,
-                  "matmul_gflops": round(rate / 1e9, 1), "torch_threads": torch.get_num_threads(),
+                  "dtype": str(dtype).removeprefix("torch."), "ice_lora_dtype": args.ice_lora_dtype,
+                  "autocast": args.autocast, "edits": args.edits, "cuda_graphs": args.cuda_graphs,
+                  "matmul_gflops": round(rate / 1e9, 1),
+                  "matmul_gflops_by_dtype": {str(k).removeprefix("torch."): round(v / 1e9, 1)
+                                             for k, v in rates.items()},
+                  "torch_threads": torch.get_num_threads(),
                   "ice_lora_config": args.ice_lora_config, "command": " ".join(sys.argv)}
         for method, at_once in plan:
             try:
-                report["methods"].append(time_method(make, method, requests, at_once, rate, overrides,
+                report["methods"].append(time_method(maker(dtype_of(method)), method, requests, at_once,
+                                                      rates[compute_dtypes[method]], overrides,
                                                       args.warmup, CUDA_GRAPHS_SETTINGS[args.cuda_graphs],
                                                       configs.get(method)))
             except torch.OutOfMemoryError as exc:
@@ -428,16 +456,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = report["methods"]
     autocast = f", autocast {args.autocast}" if args.autocast else ""
-    print(f"{report['model']} on {report['device_name']} ({report['dtype']}{autocast}), "
-          f"matrix multiply {report['matmul_gflops']} GFLOP/s")
-    print(f"{'method':<14}{'median s/edit':>14}{'min':>8}{'max':>8}{'steps':>7}{'peak MB':>10}"
+    rates = ", ".join(f"{v} GFLOP/s in {k}" for k, v in report["matmul_gflops_by_dtype"].items())
+    print(f"{report['model']} on {report['device_name']} ({report['dtype']}{autocast}), matrix multiply {rates}")
+    print(f"{'method':<14}{'dtype':>18}{'median s/edit':>14}{'min':>8}{'max':>8}{'steps':>7}{'peak MB':>10}"
           f"{'trainable':>12}{'vs ice':>8}{'x floor':>9}{'syncs/step':>11}")
     for row in rows:
         if "error" in row:
             print(f"{row['method']:<14}  {row['error']}")
             continue
         ratio = f"{row['ratio_to_ice']:.2f}" if "ratio_to_ice" in row else "-"
-        print(f"{row['method']:<14}{row['median_seconds_per_edit']:>14.2f}{row['min_seconds_per_edit']:>8.2f}"
+        frozen = row["config"].get("frozen_dtype")
+        dtype = f"{row['dtype']}/{frozen}" if frozen else row["dtype"]  # weights / frozen weights while editing
+        print(f"{row['method']:<14}{dtype:>18}{row['median_seconds_per_edit']:>14.2f}{row['min_seconds_per_edit']:>8.2f}"
               f"{row['max_seconds_per_edit']:>8.2f}{row['median_steps']:>7.0f}{row['peak_memory_mb']:>10.0f}"
               f"{row['trainable_params']:>12,}{ratio:>8}{row['x_floor']:>9.1f}{row.get('syncs_per_step', '-'):>11}")
     return 0

@@ -54,11 +54,45 @@ def test_ice_lora_can_run_with_a_configuration_file(tiny_llama_folder, tmp_path,
     assert "a configuration of 'ft-m', not of ice-lora" in capsys.readouterr().err
 
 
+def test_ice_lora_in_its_own_dtype_beside_the_others(tiny_llama_folder, tmp_path, capsys):
+    """``--ice-lora-dtype bfloat16``: ice keeps float32 weights, ice-lora's model is loaded in
+    bfloat16 (its adapters in float32), each row's floor uses its own dtype's rate."""
+    out = tmp_path / "speed.json"
+    assert edit_speed.main(["--model", str(tiny_llama_folder), "--methods", "ice,ice-lora", "--edits", "1",
+                            "--ice-lora-dtype", "bfloat16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["methods"]}
+    assert report["dtype"] == "float32" and report["ice_lora_dtype"] == "bfloat16"
+    assert rows["ice"]["dtype"] == "float32" and rows["ice-lora"]["dtype"] == "bfloat16"
+    assert set(report["matmul_gflops_by_dtype"]) == {"float32", "bfloat16"}
+    assert rows["ice-lora"]["ratio_to_ice"] > 0
+    assert "bfloat16" in capsys.readouterr().out
+
+
+def test_ice_lora_editing_on_frozen_bfloat16_weights_is_named_and_floored_in_bfloat16(tiny_llama_folder, tmp_path,
+                                                                                     capsys):
+    config = tmp_path / "frozen.yaml"
+    config.write_text("method: ice-lora\nfrozen_dtype: bfloat16\n")
+    out = tmp_path / "speed.json"
+    assert edit_speed.main(["--model", str(tiny_llama_folder), "--methods", "ice-lora", "--edits", "1",
+                            "--ice-lora-config", str(config), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["methods"]
+    assert row["dtype"] == "float32" and row["config"]["frozen_dtype"] == "bfloat16"
+    assert set(report["matmul_gflops_by_dtype"]) == {"float32", "bfloat16"}
+    rate = report["matmul_gflops_by_dtype"]["bfloat16"] * 1e9
+    floors = [row["flops_per_step"] * n / rate for n in row["steps"]]
+    assert row["x_floor"] == pytest.approx(row["seconds_per_edit"][0] / floors[0], rel=0.01)
+    assert "float32/bfloat16" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--methods", "ice,rome"], "unknown method(s) ['rome']"),
     (["--shape", "gpt5"], "unknown shape 'gpt5'"),
     (["--edits", "0"], "--edits must be between 1"),
     (["--only-at-once"], "--only-at-once needs --edits-at-once K"),
+    (["--methods", "ice", "--ice-lora-dtype", "bfloat16"], "--ice-lora-dtype needs ice-lora among --methods"),
+    (["--methods", "ice-lora", "--ice-lora-dtype", "float8"], "unknown dtype 'float8'"),
 ])
 def test_bad_input(capsys, argv, message):
     assert edit_speed.main(argv) == 2

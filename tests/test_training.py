@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -170,3 +171,19 @@ def test_batch_training_keeps_the_adapter_blind_to_every_minibatchs_anchors(setu
     for name, directions in calls[0].items():
         (a,) = [v for k, v in adapter.items() if k.endswith(f"{name}.lora_A.weight")]
         assert a.abs().max() > 0 and (a @ directions).abs().max() < 1e-5, name
+
+
+def test_batch_training_with_frozen_weights_in_bfloat16(setup):
+    """``frozen_dtype: bfloat16``: the minibatches train on bfloat16 weights (the first step's loss
+    is the float32 run's up to rounding, not equal to it), the adapters are saved in float32."""
+    tmp_path, folders, data = setup
+    logs = {}
+    for frozen in (None, "bfloat16"):
+        config = read_train_config(write_config(tmp_path, folders["llama"], data, frozen_dtype=frozen))
+        out = tmp_path / f"run-{frozen}"
+        train(config, out)
+        logs[frozen] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        adapters = load_file(str(out / "adapter_model.safetensors"))
+        assert all(t.dtype == torch.float32 and t.isfinite().all() for t in adapters.values())
+    first, reference = logs["bfloat16"][0]["loss"], logs[None][0]["loss"]
+    assert first != reference and first == pytest.approx(reference, rel=0.05)

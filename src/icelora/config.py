@@ -76,6 +76,11 @@ class EditConfig:
     autocast_dtype: run each step's passes (and the anchors' pre-edit distributions) under
         ``torch.autocast`` in ``bfloat16``, the trained tensors staying in their own dtype;
         ``None``: no autocast.
+    frozen_dtype: LoRA only: while an edit call runs, the model's frozen weights are read from a
+        copy in this dtype (``bfloat16``: made once and kept), the adapters staying in float32;
+        outside edit calls the model has its own weights (:mod:`icelora.frozen_weights`). On a CPU
+        with bfloat16 matrix units the step's products run several times faster; the edited model
+        is still used and evaluated in its own dtype. ``None``: the model's own weights throughout.
     replay_edits / lambda_replay: sequential editing: each step of a new edit also minimises, with
         weight ``lambda_replay``, the target cross-entropy of ``replay_edits`` earlier edits of the
         editor's ledger, drawn afresh every step (:mod:`icelora.replay`); 0 turns it off.
@@ -118,6 +123,7 @@ class EditConfig:
     loraplus_lr_ratio: float = 1.0
     lora_init: str = "random"
     autocast_dtype: str | None = None
+    frozen_dtype: str | None = None
     replay_edits: int = 0
     lambda_replay: float = 1.0
     replay_anchors: int = 0
@@ -218,6 +224,12 @@ class EditConfig:
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise InvalidConfigError(
                 f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.autocast_dtype!r}")
+        if self.frozen_dtype not in AUTOCAST_DTYPES:
+            raise InvalidConfigError(
+                f"frozen_dtype must be one of {list(AUTOCAST_DTYPES)} or null, got {self.frozen_dtype!r}")
+        if self.frozen_dtype is not None and self.parameterization != "lora":
+            raise InvalidConfigError(f"frozen_dtype needs parameterization lora (full matrices train the weights "
+                                     f"themselves), got {self.parameterization!r}")
         if "{context}" not in self.context_template or "{prompt}" not in self.context_template:
             raise InvalidConfigError("context_template must contain {context} and {prompt}")
 

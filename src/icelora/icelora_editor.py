@@ -27,9 +27,10 @@ from icelora.architecture import (
     inspect_architecture,
     model_device,
 )
-from icelora.config import EditConfig
+from icelora.config import AUTOCAST_DTYPES, EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
+from icelora.frozen_weights import FrozenWeights
 from icelora.input_projection import leading_directions_each, module_inputs
 from icelora.lora_utils import ADAPTER_NAME
 from icelora.losses import EditPlan, LossParts, Objective, build_plan
@@ -141,6 +142,8 @@ class ICELoRAEditor:
         base.requires_grad_(False)
         self.architecture = inspect_architecture(base)
         self.layers = list(self.config.layers or default_edit_layers(self.architecture.num_layers))
+        #: the base model's weights in ``frozen_dtype`` while an edit call runs (LoRA: they never train)
+        self.frozen_weights = FrozenWeights(base, AUTOCAST_DTYPES[self.config.frozen_dtype])
         self.params = make_parameterization(base, self.architecture, self.config, self.layers)
         self.model = self.params.model
         self.ledger: list[EditRequest] = []
@@ -191,6 +194,14 @@ class ICELoRAEditor:
         the ledger's earlier edits (when ``replay_edits > 0``). The time counts everything the edit
         does, its anchors included."""
         start = time.perf_counter()
+        with self.frozen_weights.swapped():
+            history = self._train_swapped(batch, progress, replay, on_step)
+        if model_device(self.model).type == "cuda":
+            torch.cuda.synchronize()
+        return history, time.perf_counter() - start
+
+    def _train_swapped(self, batch: list[EditRequest], progress: bool, replay: bool,
+                       on_step: Callable[[StepRecord], None] | None) -> list[StepRecord]:
         plan = build_plan(self.tokenizer, batch, self.config)
         teachers = self.anchor_teachers(plan)
         main = Objective(plan, self.config, model_device(self.model), teachers)
@@ -203,11 +214,8 @@ class ICELoRAEditor:
         torch.manual_seed(self.config.seed)
         with self.anchors_protected(teachers, [ADAPTER_NAME]):
             self.align_inputs([[pt.ids for pt in plan.encoded]], [ADAPTER_NAME])
-            history = run_edit_loop(self.model, self.params, objective, self.config, progress=progress,
-                                    on_step=on_step)
-        if model_device(self.model).type == "cuda":
-            torch.cuda.synchronize()
-        return history, time.perf_counter() - start
+            return run_edit_loop(self.model, self.params, objective, self.config, progress=progress,
+                                 on_step=on_step)
 
     @contextmanager
     def edit_each(self, requests: Iterable[RequestLike], progress: bool = True,
@@ -258,6 +266,14 @@ class ICELoRAEditor:
     def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         start = time.perf_counter()
+        with self.frozen_weights.swapped():
+            histories = self._train_together_swapped(batch, names, tensors, progress)
+        if model_device(self.model).type == "cuda":
+            torch.cuda.synchronize()
+        return histories, time.perf_counter() - start
+
+    def _train_together_swapped(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
+                                progress: bool) -> list[list[StepRecord]]:
         plan = build_plan(self.tokenizer, batch, self.config, independent=True, adapter_names=names)
         teachers = self.anchor_teachers(plan)
         objective = Objective(plan, self.config, model_device(self.model), teachers)
@@ -265,11 +281,8 @@ class ICELoRAEditor:
         with self.anchors_protected(teachers, names):
             self.align_inputs([[pt.ids] for pt in plan.encoded], names)
             named = {n: p for group in tensors for n, p in group.items()}
-            histories = run_independent_edit_loop(self.model, self.params, named, objective, len(batch), self.config,
-                                                  progress=progress)
-        if model_device(self.model).type == "cuda":
-            torch.cuda.synchronize()
-        return histories, time.perf_counter() - start
+            return run_independent_edit_loop(self.model, self.params, named, objective, len(batch), self.config,
+                                             progress=progress)
 
     def _train_one_by_one(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                           progress: bool) -> tuple[list[list[StepRecord]], list[float]]:

@@ -75,7 +75,7 @@ def leading_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> li
 def svd_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     """:func:`leading_directions` from the float64 SVD of ``inputs.T``, on the device of ``inputs``."""
     u, s, _ = torch.linalg.svd(inputs.T.double(), full_matrices=False)
-    return u[:, :directions_kept(s**2, energy)].to(inputs.dtype)
+    return u[:, :directions_kept(s**2, energy)].to(directions_dtype(inputs.dtype))
 
 
 def gram_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
@@ -116,11 +116,17 @@ def gram_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> list[
             if not value[k - 1] > GRAM_FLOOR * value[0]:
                 directions[i] = svd_directions(inputs[i].detach().cpu(), energy).to(inputs[i].device)
             elif is_tall:
-                directions[i] = to_device(vector[:, :k].contiguous(), x.device).to(inputs[i].dtype)
+                directions[i] = to_device(vector[:, :k].contiguous(), x.device).to(directions_dtype(inputs[i].dtype))
             else:
                 scaled = to_device((vector[: x.shape[0], :k] / value[:k].sqrt()).contiguous(), x.device)
-                directions[i] = (x.T @ scaled).to(inputs[i].dtype)
+                directions[i] = (x.T @ scaled).to(directions_dtype(inputs[i].dtype))
     return [directions[i] for i in range(len(inputs))]
+
+
+def directions_dtype(inputs_dtype: torch.dtype) -> torch.dtype:
+    """The dtype directions are returned in: the inputs', but at least float32 (the adapters' own;
+    orthonormal directions rounded to bfloat16 would let 0.4% of them through the projection)."""
+    return torch.promote_types(inputs_dtype, torch.float32)
 
 
 def directions_kept(squares: torch.Tensor, energy: float) -> int:

@@ -126,7 +126,8 @@ def train(config: TrainConfig, output: str | Path, resume: bool = False) -> dict
     started = time.perf_counter()
     log_file = TrainLog(output / TRAIN_LOG)
     if config.protocol == "batch":
-        _train_batch(editor, requests, config, edit_config, output, log_file, resume)
+        with editor.frozen_weights.swapped():  # sequential: each edit call swaps them itself
+            _train_batch(editor, requests, config, edit_config, output, log_file, resume)
     else:
         _train_sequential(editor, requests, dataset.indices, output, log_file, resume)
     editor.ledger = list(requests)
