@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = next(probe.parameters()).device, next(probe.parameters()).dtype
         del probe
         rates: dict[torch.dtype, float] = {}  # matrix-multiply rate per dtype the products run in
+
         def compute_dtype_of(method: str) -> torch.dtype:  # the dtype the products run in
             frozen = configs[method].frozen_dtype if method in configs else method_config(method).frozen_dtype
             return (AUTOCAST_DTYPES[args.autocast] or AUTOCAST_DTYPES[frozen]
@@ -456,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = report["methods"]
     autocast = f", autocast {args.autocast}" if args.autocast else ""
-    rates = ", ".join(f"{v} GFLOP/s in {k}" for k, v in report["matmul_gflops_by_dtype"].items())
-    print(f"{report['model']} on {report['device_name']} ({report['dtype']}{autocast}), matrix multiply {rates}")
+    measured = ", ".join(f"{v} GFLOP/s in {k}" for k, v in report["matmul_gflops_by_dtype"].items())
+    print(f"{report['model']} on {report['device_name']} ({report['dtype']}{autocast}), matrix multiply {measured}")
     print(f"{'method':<14}{'dtype':>18}{'median s/edit':>14}{'min':>8}{'max':>8}{'steps':>7}{'peak MB':>10}"
           f"{'trainable':>12}{'vs ice':>8}{'x floor':>9}{'syncs/step':>11}")
     for row in rows:
