@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         rates: dict[torch.dtype, float] = {}  # matrix-multiply rate per dtype the products run in
 
         def compute_dtype_of(method: str) -> torch.dtype:  # the dtype the products run in
-            frozen = configs[method].frozen_dtype if method in configs else method_config(method).frozen_dtype
+            frozen = (configs.get(method) or method_config(method)).frozen_dtype
             return (AUTOCAST_DTYPES[args.autocast] or AUTOCAST_DTYPES[frozen]
                     or resolve_dtype(dtype_of(method), device))
 

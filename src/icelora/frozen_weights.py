@@ -22,6 +22,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from icelora.output_layer import output_layer, with_input
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +44,8 @@ class FrozenWeights:
     def __init__(self, model: nn.Module, dtype: torch.dtype | None) -> None:
         self.dtype = dtype
         self.embeddings = model.get_input_embeddings()
-        self.head = model.get_output_embeddings()
-        kept = {id(p) for module in (self.embeddings, self.head) if module is not None for p in module.parameters()}
+        self.head = output_layer(model)
+        kept = {id(p) for module in (self.embeddings, self.head) for p in module.parameters()}
         self.parameters = [p for p in model.parameters() if id(p) not in kept]  # tied weights once
         self._copies: dict[int, tuple[int, int, torch.Tensor]] = {}
         devices = {p.device.type for p in self.parameters}
@@ -61,32 +63,21 @@ class FrozenWeights:
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
-        """Within the block the frozen weights are the ``dtype`` copies; after it, the originals.
+        """Within the block the frozen weights are the ``dtype`` copies, the hidden states cast to
+        ``dtype`` after the embeddings and back before the output layer; after it, the originals.
         Nothing happens when ``dtype`` is ``None`` or the weights are in it already (a nested
         block changes nothing)."""
-        originals = [(p, p.data) for p in self.parameters if self.dtype is not None and p.dtype != self.dtype]
-        if not originals:
+        swap = [p for p in self.parameters if p.dtype != self.dtype] if self.dtype is not None else []
+        if not swap:
             yield
             return
-        with ExitStack() as hooks:
-            if self.embeddings is not None:
-                handle = self.embeddings.register_forward_hook(lambda module, args, out: out.to(self.dtype))
-                hooks.callback(handle.remove)
-            if self.head is not None:
-                handle = self.head.register_forward_pre_hook(_cast_input_to_weight, with_kwargs=True)
-                hooks.callback(handle.remove)
-            for param, _ in originals:
+        with ExitStack() as undo:
+            for param in swap:
+                undo.callback(setattr, param, "data", param.data)
                 param.data = self._copy(param)
-            try:
-                yield
-            finally:
-                for param, data in originals:
-                    param.data = data
-
-
-def _cast_input_to_weight(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: the layer's input in its weight's dtype."""
-    dtype = module.weight.dtype
-    if args:
-        return (args[0].to(dtype), *args[1:]), kwargs
-    return args, {**kwargs, "input": kwargs["input"].to(dtype)}
+            undo.callback(self.embeddings.register_forward_hook(
+                lambda module, args, out: out.to(self.dtype)).remove)
+            undo.callback(self.head.register_forward_pre_hook(
+                lambda module, args, kwargs: with_input(module, args, kwargs, lambda x: x.to(module.weight.dtype)),
+                with_kwargs=True).remove)
+            yield

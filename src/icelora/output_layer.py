@@ -33,6 +33,17 @@ def output_layer(model: nn.Module) -> nn.Module:
     return head
 
 
+def with_input(module: nn.Module, args: tuple, kwargs: dict,
+               change: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple, dict]:
+    """A call's ``(args, kwargs)`` (as a forward pre-hook with kwargs sees them) with the layer's
+    input, its first argument or ``input=``, replaced by ``change(input)``."""
+    if args:
+        return (change(args[0]), *args[1:]), kwargs
+    if "input" not in kwargs:
+        raise TypeError(f"{type(module).__name__} was called without its input as 'input' or first argument")
+    return args, {**kwargs, "input": change(kwargs["input"])}
+
+
 class OutputLayerNotCalledError(RuntimeError):
     """A forward pass inside :func:`output_layer_reads` never called the model's output layer."""
 
@@ -50,11 +61,7 @@ def output_layer_reads(model: nn.Module, select: Callable[[torch.Tensor], torch.
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         nonlocal calls
         calls += 1
-        if args:
-            return (select(args[0]), *args[1:]), kwargs
-        if "input" not in kwargs:
-            raise TypeError(f"{type(module).__name__} was called without its input as 'input' or first argument")
-        return args, {**kwargs, "input": select(kwargs["input"])}
+        return with_input(module, args, kwargs, select)
 
     handle = output_layer(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
