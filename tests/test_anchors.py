@@ -48,6 +48,56 @@ def anchor_kl(model: nn.Module, teacher: AnchorTeacher, chosen: list[int], pad_i
     return anchor_kl_from_logits(teachers, picks, logits)
 
 
+def _graph_names(tensor: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes ``tensor``'s backward runs through."""
+    names, seen, todo = set(), set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("layout", ["positions", "rows"])
+def test_anchor_kl_from_logits_is_each_anchors_mean_kl_averaged_per_owner(layout):
+    """Two owners with 2 and 1 anchors, of 3, 2 and 4 positions: the value is the mean over each
+    owner's anchors of the mean KL over their positions, and its gradient that of the same formula
+    on slices; over [positions, V] logits every anchor comes out of one split (a slice per anchor
+    would zero a gradient the size of all the logits for each)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [(1,) * 4, (2,) * 3, (3,) * 5]
+    log_probs = [torch.randn(len(r) - 1, 7, generator=generator).log_softmax(-1) for r in rows]
+    teachers = [AnchorTeacher(rows=rows[:2], log_probs=log_probs[:2]),
+                AnchorTeacher(rows=rows[2:], log_probs=log_probs[2:])]
+    chosen = [[0, 1], [0]]
+    lengths = [3, 2, 4]
+    if layout == "positions":
+        logits = torch.randn(sum(lengths), 7, generator=generator, requires_grad=True)
+        pieces = [logits[start: start + n] for start, n in zip([0, 3, 5], lengths)]
+    else:
+        logits = torch.randn(3, 5, 7, generator=generator, requires_grad=True)
+        pieces = [logits[r, :n] for r, n in enumerate(lengths)]
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (p.exp() * (p - q.log_softmax(-1))).sum(-1).mean()
+
+    expected = torch.stack([(kl(log_probs[0], pieces[0]) + kl(log_probs[1], pieces[1])) / 2,
+                            kl(log_probs[2], pieces[2])])
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    value = anchor_kl_from_logits(teachers, chosen, logits)
+    assert torch.allclose(value, expected, atol=1e-6)
+    (grad,) = torch.autograd.grad(value.sum(), logits)
+    assert torch.allclose(grad, expected_grad, atol=1e-7)
+    if layout == "positions":
+        names = _graph_names(anchor_kl_from_logits(teachers, chosen, logits))
+        assert "SplitWithSizesBackward0" in names and "SliceBackward0" not in names
+        with pytest.raises(ValueError, match="hold 10 positions, the chosen anchors 9"):
+            anchor_kl_from_logits(teachers, chosen, torch.randn(10, 7))
+
+
 def test_anchor_kl_is_zero_before_the_edit_and_grows_after(tiny):
     editor = ICELoRAEditor(tiny, method="lora", max_steps=8, learning_rate=5e-2, layers=[0, 1])
     pad = editor.tokenizer.pad_token_id

@@ -16,9 +16,11 @@ from icelora.input_projection import (
     leading_directions_each,
     module_inputs,
     project_off,
+    svd_directions,
 )
 from icelora.lora_utils import lora_layers
 from icelora.request import EditRequest
+from icelora.tokenization import pad_rows
 from tests.conftest import TINY_BUILDERS
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome", subject="The Eiffel Tower",
@@ -56,7 +58,7 @@ def test_gram_directions_span_what_the_svd_spans(positions):
     otherwise) give the SVD's k and its subspace: the same projector up to float32 rounding."""
     inputs = _decaying_inputs(positions, 96, seed=positions)
     for energy in (0.5, 0.9, 0.98):
-        svd = leading_directions(inputs, energy)  # on the CPU: the SVD
+        svd = svd_directions(inputs, energy)
         gram = gram_directions(inputs, energy)
         assert gram.shape == svd.shape and gram.dtype == inputs.dtype
         assert torch.allclose(gram.T @ gram, torch.eye(gram.shape[1]), atol=1e-5)
@@ -70,7 +72,7 @@ def test_gram_directions_stay_finite_where_the_inputs_are_degenerate(positions):
     """All-zero inputs (no energy) and a direction far weaker than the largest: the Gram route
     hands over to the SVD instead of dividing by a vanishing singular value."""
     zeros = gram_directions(torch.zeros(positions, 32), 0.9)
-    assert zeros.isfinite().all() and zeros.shape == leading_directions(torch.zeros(positions, 32), 0.9).shape
+    assert zeros.isfinite().all() and zeros.shape == svd_directions(torch.zeros(positions, 32), 0.9).shape
     weak = _decaying_inputs(positions, 32, seed=4)
     weak[:, 0] *= 1e7  # one direction holds all but ~1e-12 of the energy
     for energy in (0.9, 1 - 1e-14):
@@ -91,7 +93,7 @@ def test_gram_directions_of_several_inputs_at_once_are_each_ones_own(monkeypatch
         calls.clear()
         together = gram_directions_each(inputs, energy)
         assert calls == [(4, 30, 30), (2, 48, 48)]  # the four with fewer positions padded to 30; the rest
-        for x, mine, each in zip(inputs, together, leading_directions_each(inputs, energy)):
+        for x, mine, each in zip(inputs, together, [svd_directions(x, energy) for x in inputs]):
             assert mine.shape == each.shape and mine.isfinite().all()
             assert torch.allclose(mine @ mine.T, each @ each.T, atol=1e-5)
             assert torch.allclose(mine @ mine.T, gram_directions(x, energy) @ gram_directions(x, energy).T, atol=1e-6)
@@ -107,25 +109,34 @@ def test_gram_directions_match_the_svd_on_the_embedded_models_anchor_inputs(embe
     inputs = module_inputs(editor.model, editor.params.base_modules(), anchors.rows, editor.tokenizer.pad_token_id)
     assert next(iter(inputs.values())).shape[0] > 100
     for name, x in inputs.items():
-        svd, gram = leading_directions(x, 0.98), gram_directions(x, 0.98)
+        svd, gram = svd_directions(x, 0.98), gram_directions(x, 0.98)
         assert gram.shape == svd.shape, name
         assert torch.allclose(gram @ gram.T, svd @ svd.T, atol=1e-6), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_directions_come_from_the_gram_route_and_match_the_cpu(monkeypatch):
-    """One input and several (fewer and more positions than features) at once."""
+def test_the_directions_come_from_the_gram_route_and_span_what_the_svd_spans(monkeypatch):
+    """On the CPU as elsewhere: one input and several (fewer and more positions than features)."""
     import icelora.input_projection
 
     calls = []
     gram = icelora.input_projection.gram_directions_each
     monkeypatch.setattr(icelora.input_projection, "gram_directions_each", lambda *a: calls.append(1) or gram(*a))
     inputs = [_decaying_inputs(p, 256, seed=p) for p in (120, 40, 300)]
-    on_cpu = leading_directions_each(inputs, 0.98)
-    assert not calls
-    assert torch.equal(leading_directions(inputs[0], 0.98), on_cpu[0])
-    on_cuda = [leading_directions(inputs[0].cuda(), 0.98), *leading_directions_each([x.cuda() for x in inputs], 0.98)]
+    each = leading_directions_each(inputs, 0.98)
+    assert torch.equal(leading_directions(inputs[0], 0.98), each[0])
     assert len(calls) == 2
+    for mine, x in zip(each, inputs):
+        svd = svd_directions(x, 0.98)
+        assert mine.shape == svd.shape
+        assert torch.allclose(mine @ mine.T, svd @ svd.T, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_directions_match_the_cpu():
+    """One input and several (fewer and more positions than features) at once."""
+    inputs = [_decaying_inputs(p, 256, seed=p) for p in (120, 40, 300)]
+    on_cpu = leading_directions_each(inputs, 0.98)
+    on_cuda = [leading_directions(inputs[0].cuda(), 0.98), *leading_directions_each([x.cuda() for x in inputs], 0.98)]
     for mine, theirs in zip(on_cuda, [on_cpu[0], *on_cpu]):
         assert mine.is_cuda and mine.shape == theirs.shape
         assert torch.allclose(mine.cpu() @ mine.cpu().T, theirs @ theirs.T, atol=1e-5)
@@ -162,6 +173,28 @@ def test_module_inputs_ignore_padding(tiny):
     for name in modules:
         assert both[name].shape[0] == sum(len(r) for r in rows)
         assert torch.allclose(both[name], torch.cat([alone[name] for alone in each]), atol=1e-5)
+
+
+def test_module_inputs_make_no_logits(tiny):
+    """The output layer reads no position, and each module gets what it gets in a whole pass."""
+    editor = ICELoRAEditor(tiny, method="ice-lora", **SETTINGS, lora_projection_energy=0.9)
+    modules = editor.params.base_modules()
+    rows = [tuple(editor.tokenizer(t)["input_ids"]) for t in ("The Eiffel Tower is", "Rome is the capital of Italy")]
+    read: list[tuple[int, ...]] = []
+    head = editor.model.get_output_embeddings().register_forward_hook(lambda _m, _args, out: read.append(out.shape))
+    stopped = module_inputs(editor.model, modules, rows, editor.tokenizer.pad_token_id)
+    assert len(read) == 1 and read[0][1] == 0 and set(stopped) == set(modules)
+    head.remove()
+    whole: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: whole.__setitem__(name, args[0]))
+             for name, m in modules.items()]
+    batch = pad_rows(rows, editor.tokenizer.pad_token_id)
+    editor.model(**batch.forward_kwargs())
+    for hook in hooks:
+        hook.remove()
+    rows_at, positions_at = batch.real_positions(torch.device("cpu"))
+    for name in modules:
+        assert torch.equal(stopped[name], whole[name][rows_at, positions_at].float())
 
 
 def test_module_inputs_read_nothing_back_from_the_device(tiny):

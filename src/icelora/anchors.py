@@ -279,19 +279,27 @@ def anchor_kl_from_logits(teachers: Sequence[AnchorTeacher], chosen: Sequence[Se
     """``KL(p0 || q)`` averaged over each owner's chosen anchors' positions, from the edited model's
     logits on :func:`anchor_rows`: [owners]. ``logits`` is either [rows, width, V] (the rows
     right-padded, one row each) or [positions, V] (each row's positions ``0..len - 2``, row after
-    row)."""
+    row).
+
+    Each anchor's positions come out of one ``split`` (or ``unbind``), not a slice per anchor: the
+    backward of a slice writes its gradient into a zeroed tensor the size of all the logits, so
+    with many edits trained together (dozens of anchors, hundreds of positions over the whole
+    vocabulary) those fills took a quarter of a step; a split's backward is one concatenation."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    per_owner, r, start = [], 0, 0
+    lengths = [len(teacher.rows[j]) - 1 for teacher, mine in zip(teachers, chosen) for j in mine]
+    if logits.dim() == 2:
+        if sum(lengths) != logits.shape[0]:
+            raise ValueError(f"anchor logits hold {logits.shape[0]} positions, the chosen anchors {sum(lengths)}")
+        rows = logits.split(lengths)
+    else:
+        rows = tuple(row[:n] for row, n in zip(logits.unbind(0), lengths))
+    per_owner, r = [], 0
     for teacher, mine in zip(teachers, chosen):
         terms = []
         for j in mine:
-            n = len(teacher.rows[j]) - 1
-            row = logits[r, :n] if logits.dim() == 3 else logits[start: start + n]
-            log_q = F.log_softmax(row.to(dtype), dim=-1)
+            log_q = F.log_softmax(rows[r].to(dtype), dim=-1)
             log_p = teacher.log_probs[j]
             terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-            r, start = r + 1, start + n
+            r += 1
         per_owner.append(torch.stack(terms).mean())
-    if logits.dim() == 2 and start != logits.shape[0]:
-        raise ValueError(f"anchor logits hold {logits.shape[0]} positions, the chosen anchors {start}")
     return torch.stack(per_owner)

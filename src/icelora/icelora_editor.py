@@ -27,6 +27,7 @@ from icelora.architecture import (
     inspect_architecture,
     model_device,
 )
+from icelora.attention_precision import float32_training_attention
 from icelora.config import AUTOCAST_DTYPES, EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
@@ -194,7 +195,7 @@ class ICELoRAEditor:
         the ledger's earlier edits (when ``replay_edits > 0``). The time counts everything the edit
         does, its anchors included."""
         start = time.perf_counter()
-        with self.frozen_weights.swapped():
+        with self.frozen_weights.swapped(), float32_training_attention():
             history = self._train_swapped(batch, progress, replay, on_step)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
@@ -266,7 +267,7 @@ class ICELoRAEditor:
     def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         start = time.perf_counter()
-        with self.frozen_weights.swapped():
+        with self.frozen_weights.swapped(), float32_training_attention():
             histories = self._train_together_swapped(batch, names, tensors, progress)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()

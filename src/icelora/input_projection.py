@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from icelora.output_layer import OutputLayerNotCalledError, output_layer_reads
 from icelora.tokenization import pad_rows, to_device
 
 
@@ -31,7 +32,9 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
                   **forward_kwargs: Any) -> dict[str, torch.Tensor]:
     """The input each of ``modules`` receives at every real (unpadded) position of token ``rows``
     in one forward pass of ``model`` (given ``forward_kwargs`` too, e.g. adapter routing):
-    name -> [positions, in_features], in float32."""
+    name -> [positions, in_features], in float32. The output layer reads no position: no logits
+    are needed (over the anchors of 16 edits, 7,840 padded positions, that product alone took
+    1.4 s on 2 CPU cores)."""
     device = next(model.parameters()).device
     batch = pad_rows([tuple(r) for r in rows], pad_id, device=device)
     rows_at, positions_at = batch.real_positions(device)
@@ -40,7 +43,10 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
         lambda _m, args, name=name: seen.__setitem__(name, args[0][rows_at, positions_at].float()))
         for name, module in modules.items()]
     try:
-        model(**batch.forward_kwargs(), **forward_kwargs)
+        with output_layer_reads(model, lambda hidden: hidden[:, :0]):
+            model(**batch.forward_kwargs(), **forward_kwargs)
+    except OutputLayerNotCalledError:
+        pass  # the model makes its logits another way: made in full, and not needed
     finally:
         for hook in hooks:
             hook.remove()
@@ -56,20 +62,19 @@ def leading_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
     """Orthonormal columns [in_features, k]: the fewest left singular vectors of ``inputs.T``
     ([positions, in_features] given) whose squared singular values hold ``energy`` of the total.
 
-    On the CPU :func:`svd_directions`. On other devices :func:`gram_directions`, the same subspace
-    from a small eigendecomposition on the host, which took 0.3-0.4 of the time of the float64 SVD
-    on an H200 (``benchmarks/direction_speed.py``,
-    ``benchmarks/results/cuda-h200-relation-anchors/2-directions.txt``)."""
+    Through :func:`gram_directions`, the same subspace as :func:`svd_directions` from a smaller
+    eigendecomposition: 0.3-0.4 of the float64 SVD's time on an H200
+    (``benchmarks/results/cuda-h200-relation-anchors/2-directions.txt``), 0.2-0.6 on 2 CPU cores
+    at one edit's sizes (``benchmarks/results/direction_speed_cpu_xeon.txt``); both made with
+    ``benchmarks/direction_speed.py``."""
     return leading_directions_each([inputs], energy)[0]
 
 
 def leading_directions_each(inputs: Sequence[torch.Tensor], energy: float) -> list[torch.Tensor]:
     """:func:`leading_directions` of each of ``inputs`` (one module's inputs for several adapters,
-    all on one device, of one width); off the CPU through :func:`gram_directions_each`, which
-    decomposes them all in one batched call on the host."""
-    if inputs and inputs[0].device.type != "cpu":
-        return gram_directions_each(inputs, energy)
-    return [svd_directions(x, energy) for x in inputs]
+    all on one device, of one width), through :func:`gram_directions_each`, which decomposes them
+    all in one batched call on the host."""
+    return gram_directions_each(inputs, energy)
 
 
 def svd_directions(inputs: torch.Tensor, energy: float) -> torch.Tensor:
