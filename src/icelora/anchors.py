@@ -293,13 +293,12 @@ def anchor_kl_from_logits(teachers: Sequence[AnchorTeacher], chosen: Sequence[Se
         rows = logits.split(lengths)
     else:
         rows = tuple(row[:n] for row, n in zip(logits.unbind(0), lengths))
-    per_owner, r = [], 0
+    pieces, per_owner = iter(rows), []
     for teacher, mine in zip(teachers, chosen):
         terms = []
         for j in mine:
-            log_q = F.log_softmax(rows[r].to(dtype), dim=-1)
+            log_q = F.log_softmax(next(pieces).to(dtype), dim=-1)
             log_p = teacher.log_probs[j]
             terms.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-            r += 1
         per_owner.append(torch.stack(terms).mean())
     return torch.stack(per_owner)

@@ -7,7 +7,8 @@ against 6.4 ms; for one edit's 5 rows, 2.2 against 0.55 ms (``benchmarks/attenti
 ``benchmarks/results/attention_backward_speed_cpu.txt``; the math kernel in bfloat16 is about as
 fast as the cast, with the same rounding). Editing on bfloat16 weights (``frozen_dtype``, or a
 model loaded in bfloat16) spent a tenth of a single edit's step and a tenth of the time of 16
-edits trained together in that backward. Within :func:`float32_training_attention`,
+edits trained together in that backward (``benchmarks/results/profile_smollm2_cpu_ice-lora_bf16.log``,
+``..._bf16_x16_before_split.log``, made by ``benchmarks/profile_edit.py``). Within :func:`float32_training_attention`,
 transformers' ``sdpa`` attention casts query, key and value to float32 in every pass that records
 gradients on the CPU and casts its output back: a float32 softmax (as the kernel's own
 accumulation) and the float32 backward. Passes without gradients (sampling, evaluation), float32

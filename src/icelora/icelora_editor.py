@@ -195,7 +195,7 @@ class ICELoRAEditor:
         the ledger's earlier edits (when ``replay_edits > 0``). The time counts everything the edit
         does, its anchors included."""
         start = time.perf_counter()
-        with self.frozen_weights.swapped(), float32_training_attention():
+        with self.training_precision():
             history = self._train_swapped(batch, progress, replay, on_step)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()
@@ -217,6 +217,15 @@ class ICELoRAEditor:
             self.align_inputs([[pt.ids for pt in plan.encoded]], [ADAPTER_NAME])
             return run_edit_loop(self.model, self.params, objective, self.config, progress=progress,
                                  on_step=on_step)
+
+    @contextmanager
+    def training_precision(self) -> Iterator[None]:
+        """Within the block the model trains as edit calls train it: on the bfloat16 copies of its
+        frozen weights under ``frozen_dtype`` (:class:`FrozenWeights`), and with attention in
+        float32 in the passes that train on a CPU with narrow activations
+        (:func:`float32_training_attention`)."""
+        with self.frozen_weights.swapped(), float32_training_attention():
+            yield
 
     @contextmanager
     def edit_each(self, requests: Iterable[RequestLike], progress: bool = True,
@@ -267,7 +276,7 @@ class ICELoRAEditor:
     def _train_together(self, batch: list[EditRequest], names: list[str], tensors: list[dict[str, Any]],
                         progress: bool) -> tuple[list[list[StepRecord]], float]:
         start = time.perf_counter()
-        with self.frozen_weights.swapped(), float32_training_attention():
+        with self.training_precision():
             histories = self._train_together_swapped(batch, names, tensors, progress)
         if model_device(self.model).type == "cuda":
             torch.cuda.synchronize()

@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from icelora.anchors import joined
-from icelora.attention_precision import float32_training_attention
 from icelora.checkpoint import load_optimizer, save_optimizer
 from icelora.config import EditConfig, check_keys, read_yaml_mapping
 from icelora.data_utils.dataset import load_dataset, resolve_dataset
@@ -127,9 +126,7 @@ def train(config: TrainConfig, output: str | Path, resume: bool = False) -> dict
     started = time.perf_counter()
     log_file = TrainLog(output / TRAIN_LOG)
     if config.protocol == "batch":
-        # bfloat16 copies of the frozen weights and float32 attention in passes that train (in the
-        # sequential protocol each edit call sets both itself)
-        with editor.frozen_weights.swapped(), float32_training_attention():
+        with editor.training_precision():  # in the sequential protocol each edit call enters it itself
             _train_batch(editor, requests, config, edit_config, output, log_file, resume)
     else:
         _train_sequential(editor, requests, dataset.indices, output, log_file, resume)
