@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from icelora.architecture import count_parameters, default_edit_layers, inspect_architecture
+from icelora.architecture import count_parameters, default_edit_layers, first_layers_only, inspect_architecture
 from icelora.errors import ModelLoadError
+from icelora.input_projection import module_inputs
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
@@ -64,3 +66,27 @@ def test_a_model_without_an_output_layer_is_refused():
     assert model.get_output_embeddings() is None
     with pytest.raises(ModelLoadError, match="no output layer"):
         inspect_architecture(model)
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_first_layers_only_runs_the_first_layers_and_gives_their_inputs_unchanged(builder):
+    loaded = builder()
+    model, arch = loaded.model, inspect_architecture(loaded.model)
+    blocks = model.get_submodule(arch.layers_path)
+    ran: list[int] = []
+    for k, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda _m, _a, k=k: ran.append(k))
+    modules = {f"layer {k}": model.get_submodule(f"{arch.layer_prefix(k)}.{arch.mlp_out}") for k in (0, 1)}
+    rows = [tuple(loaded.tokenizer(t)["input_ids"]) for t in ("The Eiffel Tower is in", "Paris")]
+    full = module_inputs(model, modules, rows, loaded.tokenizer.pad_token_id)
+    assert ran == list(range(arch.num_layers)) and arch.num_layers > 2
+    ran.clear()
+    with first_layers_only(model, arch, 2):
+        early = module_inputs(model, modules, rows, loaded.tokenizer.pad_token_id)
+    assert ran == [0, 1]
+    assert full.keys() == early.keys() and all(torch.equal(full[k], early[k]) for k in full)
+    assert model.get_submodule(arch.layers_path) is blocks
+    with pytest.raises(RuntimeError, match="inside"), first_layers_only(model, arch, 1):
+        assert len(model.get_submodule(arch.layers_path)) == 1
+        raise RuntimeError("inside")
+    assert model.get_submodule(arch.layers_path) is blocks

@@ -200,8 +200,9 @@ def test_edit_each_equals_editing_one_at_a_time(builder, method, together, caplo
 
 def test_separate_adapters_protected_directions_come_from_one_forward_pass(monkeypatch):
     """Edits trained together under the null-space constraint: every adapter's anchor inputs come
-    from one forward pass with each anchor row routed to its own adapter, and give each adapter the
-    directions that a pass over its own anchors alone gives."""
+    from one forward pass, through the base model while the adapters are fresh (a row routed to its
+    own adapter would see the same), and give each adapter the directions that a pass over its own
+    anchors alone gives."""
     import icelora.icelora_editor as editor_module
     from icelora.input_projection import leading_directions, module_inputs
 
@@ -222,7 +223,7 @@ def test_separate_adapters_protected_directions_come_from_one_forward_pass(monke
         with editor.unedited():
             teachers = editor.anchor_teachers(plan)
     assert len(passes) == 1
-    assert passes[0]["adapter_names"] == [a for a, t in zip(edits.adapters, teachers) for _ in t.rows]
+    assert passes[0]["adapter_names"] == ["__base__"] * sum(len(t.rows) for t in teachers)
     assert len({len(t.rows) for t in teachers}) > 1  # the anchor sets differ in size
     for adapter, teacher in zip(edits.adapters, teachers):
         alone = module_inputs(editor.model, editor.params.base_modules(), teacher.rows,
@@ -294,3 +295,40 @@ def test_unedited_reference_rows_in_shared_batches(tmp_path, fixture_data):
     editor = ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=1)
     batched = run_single(editor, "none", fixture_data, tmp_path / "none", seed=0, resume=False, edits_at_once=3)
     assert batched["locality"] == 1.0 and batched["fluency_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_inputs_each_routes_rows_to_adapters_that_learned_and_skips_fresh_ones(builder):
+    """Each adapter's rows see the model as that adapter does: routed to it once it has learned
+    something; while every adapter is fresh, the base model's inputs, bit for bit the routed ones.
+    The pass stops after the last adapted layer and gives what a full pass gives."""
+    from icelora.input_projection import module_inputs
+
+    loaded = builder()
+    loaded.model.double()
+    editor = ICELoRAEditor(loaded, method="ice-lora", **{**SETTINGS, "max_steps": 1, "layers": [0]})
+    assert editor.architecture.num_layers > 1  # the pass stops early
+    rows = [[tuple(editor.tokenizer(t)["input_ids"]) for t in texts]
+            for texts in (["The Eiffel Tower is in", "Paris"], ["The mother tongue of"])]
+    names = editor.params.add_separate_adapters(2)
+    try:
+        def routed() -> dict[str, torch.Tensor]:
+            return module_inputs(editor.model, editor.params.base_modules(), [r for each in rows for r in each],
+                                 editor.tokenizer.pad_token_id, adapter_names=[names[0]] * 2 + [names[1]])
+
+        fresh = editor._inputs_each(rows, names)
+        for name, full in routed().items():
+            assert torch.equal(torch.cat(fresh[name]), full), name
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in editor.params.separate_tensors(names[:1]).values():
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        assert not editor.params.unchanged(names) and editor.params.unchanged(names[1:])
+        learned = editor._inputs_each(rows, names)
+        for name, full in routed().items():
+            assert torch.equal(torch.cat(learned[name]), full), name
+        changed = [name for name in learned if not torch.equal(learned[name][0], fresh[name][0])]
+        assert changed  # the modules after an adapted one see what adapter 0 learned
+        assert all(torch.equal(learned[name][1], fresh[name][1]) for name in learned)  # adapter 1: fresh
+    finally:
+        editor.params.remove_separate_adapters(names)

@@ -8,6 +8,8 @@ is the linear map from the intermediate width back to the hidden width.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +182,23 @@ def inspect_architecture(model: nn.Module) -> ArchitectureMap:
         mlp_out=f"{mlp_name}.{mlp_out}",
         uses_conv1d=uses_conv1d,
     )
+
+
+@contextmanager
+def first_layers_only(model: nn.Module, arch: ArchitectureMap, count: int) -> Iterator[None]:
+    """Within the block ``model`` (or the base model of an adapter wrapper) runs only its first
+    ``count`` decoder layers, for a pass that needs no more than what those layers see: the rest
+    are skipped, and the final norm and output layer read the last one kept. The model's own list
+    of layers is put back after the block, also on an error."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parent_path, _, name = arch.layers_path.rpartition(".")
+    parent = base.get_submodule(parent_path)
+    layers = getattr(parent, name)
+    setattr(parent, name, layers[:count])
+    try:
+        yield
+    finally:
+        setattr(parent, name, layers)
 
 
 def default_edit_layers(num_layers: int, count: int = 5) -> list[int]:

@@ -24,6 +24,7 @@ from icelora.architecture import (
     ArchitectureMap,
     count_parameters,
     default_edit_layers,
+    first_layers_only,
     inspect_architecture,
     model_device,
 )
@@ -33,7 +34,7 @@ from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_indepe
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.frozen_weights import FrozenWeights
 from icelora.input_projection import leading_directions_each, module_inputs
-from icelora.lora_utils import ADAPTER_NAME
+from icelora.lora_utils import ADAPTER_NAME, BASE_ROWS
 from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
 from icelora.models import EMBEDDED_MODEL, LoadedModel, load_model
@@ -363,11 +364,17 @@ class ICELoRAEditor:
         """Module -> what it receives at the real positions of each adapter's token ``rows``, on the
         model as that adapter sees it (the main adapter: the model as it is; a separate one: its
         rows routed to it; ``on_unedited``: the unedited model), in the order of ``adapters``, all
-        from one forward pass."""
+        from one forward pass through the layers up to the last adapted one. Adapters that change
+        nothing yet (fresh ones) are not run: their rows see the base model, as they would."""
         flat = [row for each in rows for row in each]
-        route = {} if adapters == [ADAPTER_NAME] else {
-            "adapter_names": [adapter for adapter, each in zip(adapters, rows) for _ in each]}
-        with self.unedited() if on_unedited else contextlib.nullcontext():
+        with (self.unedited() if on_unedited else contextlib.nullcontext(),
+              first_layers_only(self.model, self.architecture, max(self.layers) + 1)):
+            if self.params.unchanged(adapters):  # the base model, without the adapters' zero products
+                route = {"adapter_names": [BASE_ROWS] * len(flat)}
+            elif adapters == [ADAPTER_NAME]:
+                route = {}
+            else:
+                route = {"adapter_names": [adapter for adapter, each in zip(adapters, rows) for _ in each]}
             inputs = module_inputs(self.model, self.params.base_modules(), flat, self.tokenizer.pad_token_id,
                                    **route)
         positions = [sum(len(row) for row in each) for each in rows]

@@ -44,7 +44,7 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
         for name, module in modules.items()]
     try:
         with output_layer_reads(model, lambda hidden: hidden[:, :0]):
-            model(**batch.forward_kwargs(), **forward_kwargs)
+            model(**batch.forward_kwargs(), use_cache=False, **forward_kwargs)
     except OutputLayerNotCalledError:
         pass  # the model makes its logits another way: made in full, and not needed
     finally:

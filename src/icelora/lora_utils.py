@@ -13,6 +13,8 @@ from icelora.architecture import ArchitectureMap
 from icelora.config import EditConfig
 
 ADAPTER_NAME = "default"
+#: The name PEFT's ``adapter_names`` routing gives rows that go through no adapter.
+BASE_ROWS = "__base__"
 
 
 def build_lora_config(arch: ArchitectureMap, config: EditConfig, layers: list[int]) -> LoraConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -176,6 +177,13 @@ class LoraParameterization(Parameterization):
                     param.copy_(self.snapshot[key.replace(f".{name}.", f".{ADAPTER_NAME}.")])
                     param.requires_grad_(True)
         return names
+
+    def unchanged(self, adapters: Sequence[str]) -> bool:
+        """Whether each of ``adapters`` changes no module's output yet (its ``B`` is zero in every
+        module), so that rows routed to it see the base model."""
+        nonzero = [module.lora_B[adapter].weight.any() for module in lora_layers(self.model).values()
+                   for adapter in adapters]
+        return not nonzero or not bool(torch.stack(nonzero).any())  # one read of the device
 
     def separate_tensors(self, names: list[str]) -> dict[str, nn.Parameter]:
         """The LoRA tensors of the adapters ``names``, by parameter name."""
