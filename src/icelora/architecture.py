@@ -130,9 +130,14 @@ def _num_layers(model: nn.Module) -> int:
     raise ModelLoadError(f"{type(model).__name__}: its config names no number of layers")
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model inside an adapter wrapper (PEFT's ``get_base_model``), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def inspect_architecture(model: nn.Module) -> ArchitectureMap:
     """Find the decoder layers, attention query/value and MLP projections of ``model``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     num_layers = _num_layers(base)
     hidden = _hidden_size(base)
     layers_path = find_decoder_layers(base, num_layers)
@@ -190,9 +195,8 @@ def first_layers_only(model: nn.Module, arch: ArchitectureMap, count: int) -> It
     ``count`` decoder layers, for a pass that needs no more than what those layers see: the rest
     are skipped, and the final norm and output layer read the last one kept. The model's own list
     of layers is put back after the block, also on an error."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     parent_path, _, name = arch.layers_path.rpartition(".")
-    parent = base.get_submodule(parent_path)
+    parent = base_model(model).get_submodule(parent_path)
     layers = getattr(parent, name)
     setattr(parent, name, layers[:count])
     try:
