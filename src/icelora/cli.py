@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 line = " ".join(["icelora", *(argv if argv is not None else sys.argv[1:])])
                 print(json.dumps(run_compare(study, Path(args.output), args.only, command=line,
-                                             datasets=args.dataset, protocols=args.protocol), indent=2))
+                                             datasets=args.dataset, protocols=args.protocol,
+                                             progress=not args.quiet), indent=2))
         elif args.command == "report":
             from icelora.evaluation.report import write_report
 

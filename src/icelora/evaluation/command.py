@@ -51,20 +51,21 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not dataset.records:
         raise IceloraError(f"{data_path}: no valid record selected")
     folder, metrics_copy = output_paths(args.output)
+    progress = not args.quiet
 
     if args.checkpoint:
         editor = ICELoRAEditor.load(args.checkpoint, model=args.model,
                                     device=args.device, dtype=args.dtype)
-        metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint))
+        metrics = run_checkpoint(editor, dataset, folder, seed, args.resume, Path(args.checkpoint), progress=progress)
     else:
         load = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype)  # workers load it too
         loaded = load()
-        workers = {"workers": args.workers, "load_worker_model": load}
+        workers = {"workers": args.workers, "load_worker_model": load, "progress": progress}
         editor = ICELoRAEditor(loaded, method=args.method, config=config)
         if method_none:
             metrics = run_single(editor, "none", dataset, folder, seed, args.resume, args.edits_at_once, **workers)
         elif args.protocol == "sequential":
-            metrics = run_sequential(editor, dataset, folder, seed, args.resume, args.eval_every)
+            metrics = run_sequential(editor, dataset, folder, seed, args.resume, args.eval_every, progress=progress)
         else:
             if args.edits_at_once > 1 and config.parameterization != "lora":
                 raise IceloraError(f"--edits-at-once needs a LoRA method; {args.method} trains full matrices")

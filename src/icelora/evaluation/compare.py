@@ -148,9 +148,10 @@ def plan_jobs(config: CompareConfig, output: Path) -> list[CompareJob]:
     return jobs
 
 
-def run_job(job: CompareJob, config: CompareConfig, command: str | None = None) -> dict[str, Any]:
+def run_job(job: CompareJob, config: CompareConfig, command: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
     """Run (or resume, or re-read) one job and return its aggregate metrics; ``command`` is recorded
-    in the run folder as the command that makes it."""
+    in the run folder as the command that makes it; ``progress``: progress bars on stderr."""
     from icelora.data_utils.dataset import load_dataset, resolve_dataset
     from icelora.evaluation.runner import run_sequential, run_single
     from icelora.icelora_editor import ICELoRAEditor
@@ -162,8 +163,10 @@ def run_job(job: CompareJob, config: CompareConfig, command: str | None = None) 
     editor = ICELoRAEditor(loaded, method="ice-lora" if job.method == "none" else job.method,
                            config=method_config("ice-lora" if job.method == "none" else job.method, **settings))
     if job.protocol == "sequential":
-        return run_sequential(editor, dataset, job.folder, config.seed, True, job.eval_every, command=command)
-    return run_single(editor, job.method, dataset, job.folder, config.seed, True, job.edits_at_once, command=command)
+        return run_sequential(editor, dataset, job.folder, config.seed, True, job.eval_every, command=command,
+                              progress=progress)
+    return run_single(editor, job.method, dataset, job.folder, config.seed, True, job.edits_at_once, command=command,
+                      progress=progress)
 
 
 def dataset_name(dataset: str) -> str:
@@ -192,12 +195,13 @@ def select_jobs(config: CompareConfig, output: Path, only: list[str] | None = No
 
 def run_compare(config: CompareConfig, output: Path, only: list[str] | None = None,
                 command: str | None = None, datasets: list[str] | None = None,
-                protocols: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every job of the study, or those :func:`select_jobs` picks; one summary row per job."""
+                protocols: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every job of the study, or those :func:`select_jobs` picks; one summary row per job
+    (``progress``: progress bars on stderr)."""
     rows = []
     for job in select_jobs(config, output, only, datasets, protocols):
         log.info("%s %s on %s (%s) -> %s", job.protocol, job.method, job.dataset, job.indices, job.folder)
-        metrics = run_job(job, config, command)
+        metrics = run_job(job, config, command, progress)
         rows.append({"protocol": job.protocol, "dataset": job.dataset, "method": job.method,
                      "folder": str(job.folder), "n_cases": metrics.get("n_cases"),
                      "edit_success": metrics.get("edit_success"), "locality": metrics.get("locality"),

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,12 +126,12 @@ class BaselineStore:
         self.path = path
         self.items = {c["index"]: c for c in read_cases(path, repair=True)}
 
-    def fill(self, editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int, batch_size: int = 16) -> None:
+    def fill(self, editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int, batch_size: int = 16,
+             progress: bool = True) -> None:
         """Measure (with the editor's model as it is: call on the unedited one) and store the
         records that have no baseline yet, ``batch_size`` at a time."""
         missing = [r for r in records if r.index not in self.items]
-        for start in tqdm(range(0, len(missing), batch_size), desc="unedited baselines", file=sys.stderr,
-                          disable=not missing or None):
+        for start in progress_bar(range(0, len(missing), batch_size), progress, desc="unedited baselines"):
             chunk = missing[start: start + batch_size]
             for record, base in zip(chunk, measure_baselines(editor, chunk, seed)):
                 entry = {"index": record.index, "before": base.before, "fluency": base.fluency,
@@ -145,6 +145,14 @@ class BaselineStore:
         entry = self.items[index]
         locality = [AnswerPrediction(tuple(a), tuple(p)) for a, p in entry["locality"]]
         return Baseline(before=entry["before"], locality=locality, fluency=entry["fluency"])
+
+
+def progress_bar(iterable: Sequence[Any] | None, progress: bool, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr over ``iterable`` (or ``total=``), also when stderr is a log file (a
+    long run's progress stays readable there); hidden without ``progress`` (``-q``) and when there
+    is nothing to count."""
+    count = kwargs.get("total") if iterable is None else len(iterable)
+    return tqdm(iterable, file=sys.stderr, disable=not progress or count == 0, **kwargs)
 
 
 def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
@@ -436,7 +444,7 @@ def edit_group(editor: ICELoRAEditor, task: GroupTask) -> list[dict[str, Any]]:
 def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, output: Path, seed: int,
                resume: bool, edits_at_once: int = 1, train_together: bool | None = None,
                command: str | None = None, workers: int = 1,
-               load_worker_model: Callable[[], LoadedModel] | None = None) -> dict[str, Any]:
+               load_worker_model: Callable[[], LoadedModel] | None = None, progress: bool = True) -> dict[str, Any]:
     """The single-edit protocol: edit, evaluate, revert, for every record; resumable.
 
     ``edits_at_once`` > 1 keeps that many records' edits, each in its own adapter
@@ -451,6 +459,7 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     them (:mod:`icelora.evaluation.workers`), each building its editor from ``load_worker_model()``
     and this editor's method and configuration; cases are written as their groups finish, so
     ``cases.jsonl`` is then in finishing order. The unedited baselines are measured here first.
+    ``progress``: show progress bars on stderr.
     """
     if edits_at_once < 1:
         raise IceloraError(f"edits at once must be at least 1, got {edits_at_once}")
@@ -469,7 +478,7 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
     groups = [g for g in groups if any(r.index not in bench.done for r in g)]
     editor.revert()
     baselines = BaselineStore(output / "baselines.jsonl")
-    baselines.fill(editor, [r for g in groups for r in g], seed)
+    baselines.fill(editor, [r for g in groups for r in g], seed, progress=progress)
     tasks = [GroupTask(method, g, [baselines.get(r.index) for r in g], seed, edits_at_once, together)
              for g in groups]
     if workers > 1:
@@ -477,7 +486,7 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
         finished = (cases for _, cases in map_in_workers(edit_group, tasks, recipe, workers))
     else:
         finished = (edit_group(editor, task) for task in tasks)
-    bar = tqdm(total=len(dataset.records), initial=len(bench.done), desc=f"{method} single", file=sys.stderr)
+    bar = progress_bar(None, progress, total=len(dataset.records), initial=len(bench.done), desc=f"{method} single")
     for cases in finished:
         for case in cases:
             if case["index"] not in bench.done:
@@ -508,7 +517,7 @@ def run_peak_memory(cases: list[dict[str, Any]], device: torch.device) -> float:
 
 
 def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
-                   checkpoint: Path) -> dict[str, Any]:
+                   checkpoint: Path, progress: bool = True) -> dict[str, Any]:
     """Evaluate the edit the editor holds (loaded from ``checkpoint``) on every record."""
     run = run_description(editor, editor.method, "checkpoint", dataset, seed,
                           {"checkpoint": str(checkpoint.resolve()), "edited_requests": len(editor.ledger)})
@@ -516,13 +525,13 @@ def run_checkpoint(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
     device = next(editor.model.parameters()).device
     baselines = BaselineStore(output / "baselines.jsonl")
     todo = [r for r in dataset.records if r.index not in bench.done]
-    for case in evaluate_fixed(editor, todo, baselines, seed, desc="checkpoint eval"):
+    for case in evaluate_fixed(editor, todo, baselines, seed, desc="checkpoint eval", progress=progress):
         bench.add(case)
     return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped})
 
 
 def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, seed: int, resume: bool,
-                   eval_every: int | None, command: str | None = None) -> dict[str, Any]:
+                   eval_every: int | None, command: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Edit the records one after another on one model; evaluate every ``eval_every`` edits and at the end.
 
     After every edit the accumulated adapter is saved to ``output/state`` and the edit is logged
@@ -542,10 +551,10 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
                              "so the edited model cannot be rebuilt; start the run again in a new --output")
     baselines = BaselineStore(output / "baselines.jsonl")
     with editor.unedited():  # all at once, in batches, before the evaluations need them
-        baselines.fill(editor, dataset.records, seed)
+        baselines.fill(editor, dataset.records, seed, progress=progress)
     done = {e["index"] for e in edits}
     records = dataset.records
-    for position, record in enumerate(tqdm(records, desc="sequential edits", file=sys.stderr), 1):
+    for position, record in enumerate(progress_bar(records, progress, desc="sequential edits"), 1):
         if record.index not in done:
             result = editor.edit(record.request, progress=False)
             editor.save(state)
@@ -555,12 +564,13 @@ def run_sequential(editor: ICELoRAEditor, dataset: LoadedDataset, output: Path, 
                 handle.write(json.dumps(entry) + "\n")
             edits.append(entry)
         if eval_every and position % eval_every == 0 and position < len(records) and position not in curve_done:
-            partial = evaluate_fixed(editor, records[:position], baselines, seed, desc=f"eval after {position}")
+            partial = evaluate_fixed(editor, records[:position], baselines, seed, desc=f"eval after {position}",
+                                     progress=progress)
             with open(curve_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"n_edits": position, **aggregate(partial)}) + "\n")
     by_index = {e["index"]: e for e in edits}
     final = [r for r in records if r.index not in bench.done]
-    for case in evaluate_fixed(editor, final, baselines, seed, desc="final eval"):
+    for case in evaluate_fixed(editor, final, baselines, seed, desc="final eval", progress=progress):
         case.update(steps=by_index[case["index"]]["steps"], seconds=by_index[case["index"]]["seconds"])
         bench.add(case)
     peak = run_peak_memory([*bench.cases, *edits], device)
@@ -581,14 +591,14 @@ def sequential_work_left(records: list[BenchmarkRecord], evaluated: set[int], cu
 
 
 def evaluate_fixed(editor: ICELoRAEditor, records: list[BenchmarkRecord], baselines: BaselineStore, seed: int,
-                   desc: str = "eval", batch_size: int = 16) -> list[dict[str, Any]]:
+                   desc: str = "eval", batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate the model as it is, without editing, against the unedited model's stored baselines
     (computed here for records that have none), ``batch_size`` records per forward pass."""
     if any(r.index not in baselines.items for r in records):
         with editor.unedited():
-            baselines.fill(editor, records, seed)
+            baselines.fill(editor, records, seed, progress=progress)
     cases = []
-    for start in tqdm(range(0, len(records), batch_size), desc=desc, file=sys.stderr, disable=not records or None):
+    for start in progress_bar(range(0, len(records), batch_size), progress, desc=desc):
         chunk = records[start: start + batch_size]
         measures = measure_edited_many(editor, chunk, [baselines.get(r.index) for r in chunk], seed)
         cases += [{**case_header(r), **m, "steps": None, "seconds": None} for r, m in zip(chunk, measures)]
