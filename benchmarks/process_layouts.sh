@@ -34,7 +34,7 @@ run() {
     "$here/.venv/bin/icelora" eval --protocol single --dataset zsre-ice --indices "$indices" \
         --output "$folder" --resume -q "$@" > "$folder/log" 2>&1 || status=$?
     end=$(date +%s.%N)
-    echo "$name $(echo "$end - $start" | bc) rc=$status $*" >> "$out/times.txt"
+    echo "$name $(awk "BEGIN {print $end - $start}") rc=$status $*" >> "$out/times.txt"
 }
 
 run a1 --edits-at-once 16 --train-together yes "$@"

@@ -486,13 +486,13 @@ def run_single(editor: ICELoRAEditor, method: str, dataset: LoadedDataset, outpu
         finished = (cases for _, cases in map_in_workers(edit_group, tasks, recipe, workers))
     else:
         finished = (edit_group(editor, task) for task in tasks)
-    bar = progress_bar(None, progress, total=len(dataset.records), initial=len(bench.done), desc=f"{method} single")
-    for cases in finished:
-        for case in cases:
-            if case["index"] not in bench.done:
-                bench.add(case)
-                bar.update(1)
-    bar.close()
+    with progress_bar(None, progress, total=len(dataset.records), initial=len(bench.done),
+                      desc=f"{method} single") as bar:  # closed on an error too
+        for cases in finished:
+            for case in cases:
+                if case["index"] not in bench.done:
+                    bench.add(case)
+                    bar.update(1)
     return bench.finish({"peak_memory_mb": run_peak_memory(bench.cases, device), "skipped": dataset.skipped,
                          "trainable_params": 0 if method == "none" else editor.parameter_counts()[0]})
 
