@@ -59,16 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     method, config = config_from_file(args.config, early_stopping=False, max_steps=args.steps)
     editor = ICELoRAEditor(load_model(None, device="cpu"), method=method, config=config)
     request = benchmark_requests(args.edit + 1)[args.edit]
-    ways = {"as it is": (None, None), "left out": (None, None), "whole rows": (False, None),
-            "whole rows, anchors riding": (False, True)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
     continuation, prefix_once, anchors_riding = (icelora.shared_prefix.continue_from_prefix,
                                                  Objective.encodes_prefix_once, Objective.anchors_in_main_pass)
+    # each way: the continuation pass, then shared_prefix and main_pass_anchors (None: the objective's default)
+    ways = {"as it is": (continuation, None, None), "left out": (continuation_left_out, None, None),
+            "whole rows": (continuation, False, None), "whole rows, anchors riding": (continuation, False, True)}
+    times: dict[str, list[float]] = {name: [] for name in ways}
     try:
         for round_ in range(args.rounds):
-            for name, (shared_prefix, main_pass_anchors) in ways.items():
-                icelora.shared_prefix.continue_from_prefix = (continuation_left_out if name == "left out"
-                                                              else continuation)
+            for name, (continue_pass, shared_prefix, main_pass_anchors) in ways.items():
+                icelora.shared_prefix.continue_from_prefix = continue_pass
                 Objective.encodes_prefix_once = (prefix_once if shared_prefix is None
                                                  else lambda self, device, value=shared_prefix: value)
                 Objective.anchors_in_main_pass = (anchors_riding if main_pass_anchors is None
