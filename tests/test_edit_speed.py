@@ -174,3 +174,51 @@ def test_profile_of_edits_trained_together_names_the_once_per_call_work(tiny_lla
     assert all(ms > 0 for ms in once.values())
     assert profile_edit.main(["--model", str(tiny_llama_folder), "--method", "ice", "--edits-at-once", "2"]) == 2
     assert "needs a LoRA method" in capsys.readouterr().err
+
+
+def test_pass_cost_adds_up_the_passes_a_step_runs(tiny_llama_folder, capsys):
+    """``benchmarks/pass_cost.py``: a line per pass, the step's fixed cost as the sum it prints,
+    and the bound as that cost times the edit's steps over ``ice``'s seconds."""
+    import re
+
+    import pass_cost
+
+    argv = ["--model", str(tiny_llama_folder), "--edit", "0", "--steps", "2", "--repeats", "1", "--compile"]
+    assert pass_cost.main(argv) == 0
+    out = capsys.readouterr().out
+    for rows, tokens in pass_cost.FORWARD_SHAPES:
+        assert re.search(rf"^forward, no gradient, {rows} x {tokens} tokens: [\d.]+ ms", out, re.M)
+        assert re.search(rf"^compiled forward, {rows} x {tokens} tokens: [\d.]+ ms", out, re.M)
+    decode = float(re.search(r"^forward, no gradient, 5 x 1 tokens: ([\d.]+)", out, re.M)[1])
+    both = float(re.search(r"^forward and backward, 5 x 2 tokens, the gradient from block \d+ on: ([\d.]+)", out,
+                           re.M)[1])
+    head = float(re.search(r"^output layer, 5 rows: ([\d.]+)", out, re.M)[1])
+    fixed = re.search(r"fixed cost, 3 x ([\d.]+) \+ 2 x ([\d.]+) \+ 3 x ([\d.]+) ms = (\d+) ms", out)
+    assert [float(x) for x in fixed.groups()[:3]] == [decode, both, head]
+    assert abs(int(fixed[4]) - (3 * decode + 2 * both + 3 * head)) <= 0.5 + 0.15  # the printed terms are rounded
+    last = re.search(r"its stopping rule: (\d+) steps, ([\d.]+) s; ice: 25 steps, ([\d.]+) s; ice-lora / ice = "
+                     r"([\d.]+), and no less than ([\d.]+) / ([\d.]+) = ([\d.]+)", out)
+    steps, seconds, ice, bound = int(last[1]), float(last[2]), float(last[3]), float(last[5])
+    slack = 0.005 + 0.005 / ice * (1 + seconds / ice)  # the printed seconds are rounded to 0.01
+    assert 0 < steps <= 25 and abs(float(last[4]) - seconds / ice) <= slack
+    assert abs(bound - int(fixed[4]) / 1000 * steps) <= 0.005 + steps * 0.0005
+    assert float(last[6]) == ice and abs(float(last[7]) - bound / ice) <= 0.005 + 0.005 / ice * (1 + bound / ice)
+
+
+def test_the_pass_cost_backward_starts_at_the_first_edited_block(tiny):
+    """The timed backward runs through block ``first`` and the blocks after it, never below it."""
+    import pass_cost
+
+    from icelora.architecture import inspect_architecture
+
+    arch = inspect_architecture(tiny.model)
+    layers = tiny.model.get_submodule(arch.layers_path)
+    reached = []
+    hooks = [block.register_full_backward_hook(lambda m, gi, go, k=k: reached.append(k))
+             for k, block in enumerate(layers)]
+    try:
+        pass_cost.forward_backward_ms(tiny.model.base_model, layers[1], 5, 2, repeats=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(layers) > 2 and sorted(set(reached)) == list(range(1, len(layers)))
