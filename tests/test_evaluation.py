@@ -93,30 +93,15 @@ def test_locality_is_one_when_the_model_is_unchanged(tmp_path, fixture_data):
     assert metrics["n_cases"] == 3 and metrics["run"]["method"] == "none"
 
 
-class _Stderr:
-    """A stderr stand-in that keeps what is written."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("progress", [True, False])
-def test_progress_bars_only_when_asked(tmp_path, fixture_data, monkeypatch, progress):
-    stderr = _Stderr()
-    monkeypatch.setattr("sys.stderr", stderr)
+def test_progress_bars_only_when_asked(tmp_path, fixture_data, capsys, progress):
     editor = ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=1)
     run_single(editor, "none", fixture_data, tmp_path / "none", seed=0, resume=False, progress=progress)
     run_sequential(ICELoRAEditor(tiny_gpt2(), method="lora", max_steps=1), fixture_data, tmp_path / "seq", seed=0,
                    resume=False, eval_every=2, progress=progress)
+    stderr = capsys.readouterr().err
     for bar in ("unedited baselines", "none single", "sequential edits", "eval after 2", "final eval"):
-        assert (bar in stderr.text) == progress, bar
+        assert (bar in stderr) == progress, bar
 
 
 STABLE_KEYS = ("n_cases", "edit_success", "rephrase", "portability", "portability_by_type", "locality",
