@@ -100,6 +100,27 @@ def test_bad_input(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_out_of_memory_is_reported_in_its_row_and_the_run_goes_on(tiny_llama_folder, tmp_path, monkeypatch, capsys):
+    """A configuration that runs out of memory gets a row naming the error (first line only); the
+    methods after it are still timed and written, with no ratio to an ``ice`` that has no time."""
+    measure = edit_speed.time_method
+
+    def ice_runs_out(make, method, *args, **kwargs):
+        if method == "ice":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return measure(make, method, *args, **kwargs)
+
+    monkeypatch.setattr(edit_speed, "time_method", ice_runs_out)
+    out = tmp_path / "speed.json"
+    assert edit_speed.main(["--model", str(tiny_llama_folder), "--methods", "ice,ice-lora", "--edits", "1",
+                            "--json", str(out)]) == 0
+    ice, lora = json.loads(out.read_text())["methods"]
+    assert ice == {"method": "ice", "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert lora["method"] == "ice-lora" and lora["median_seconds_per_edit"] > 0 and "ratio_to_ice" not in lora
+    table = capsys.readouterr().out
+    assert "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in table and "more detail" not in table
+
+
 def test_random_shape_with_autocast(tiny_llama_folder, tmp_path, monkeypatch):
     """A shape built from a config with random weights, its tokenizer from a folder, the passes
     under bfloat16 autocast: the rows say so, and the model built is the shape asked for."""
