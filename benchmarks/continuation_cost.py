@@ -7,7 +7,8 @@ On a CPU the ICE training pass runs as two passes (:mod:`icelora.shared_prefix`)
 first ``m - 1`` sampled completion tokens of every student row, from the prefix's KV cache). Any
 way of folding the second into the first (one packed row per request under a custom attention
 mask, say) still has to run those tokens, so it can save at most what the continuation pass
-costs, forward and backward. This measures that: one benchmark edit with early stopping off, for
+costs, forward and backward. This measures that (on the embedded model unless ``--model``):
+one benchmark edit with early stopping off, for
 ``--steps`` steps, timed as it is and with the continuation pass replaced by nothing (the output
 layer reads zero hidden states at its positions, so the loss still has the completion terms but
 nothing flows back through the cache), and, for comparison, the two ways the objective can run
@@ -25,7 +26,10 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
+from unittest import mock
 
 import torch
 from edit_speed import benchmark_requests
@@ -49,46 +53,50 @@ def continuation_left_out(model: nn.Module, cache: Any, prefix_mask: torch.Tenso
     return head(hidden)
 
 
+def whole_rows() -> Any:
+    """The objective runs whole student rows ``q + x* + x_c`` in one pass (``shared_prefix`` off)."""
+    return mock.patch.object(Objective, "encodes_prefix_once", lambda self, device: False)
+
+
+#: each way's changes for the time of its edit (``mock.patch`` objects, undone after it)
+WAYS: dict[str, Callable[[], list[Any]]] = {
+    "as it is": lambda: [],
+    "left out": lambda: [mock.patch.object(icelora.shared_prefix, "continue_from_prefix", continuation_left_out)],
+    "whole rows": lambda: [whole_rows()],
+    "whole rows, anchors riding": lambda: [whole_rows(), mock.patch.object(Objective, "anchors_in_main_pass",
+                                                                           lambda self, device: True)],
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a model name or folder (default: the embedded model)")
     parser.add_argument("--config", default=None, help="YAML of configuration keys (default: the ice-lora preset)")
     parser.add_argument("--edit", type=int, default=2, help="which benchmark edit (0-based, as edit_speed.py)")
     parser.add_argument("--steps", type=int, default=10, help="steps per edit (early stopping off)")
     parser.add_argument("--rounds", type=int, default=4, help="times each way is timed, alternated")
     args = parser.parse_args(argv)
     method, config = config_from_file(args.config, early_stopping=False, max_steps=args.steps)
-    editor = ICELoRAEditor(load_model(None, device="cpu"), method=method, config=config)
+    editor = ICELoRAEditor(load_model(args.model, device="cpu"), method=method, config=config)
     request = benchmark_requests(args.edit + 1)[args.edit]
-    continuation, prefix_once, anchors_riding = (icelora.shared_prefix.continue_from_prefix,
-                                                 Objective.encodes_prefix_once, Objective.anchors_in_main_pass)
-    # each way: the continuation pass, then shared_prefix and main_pass_anchors (None: the objective's default)
-    ways = {"as it is": (continuation, None, None), "left out": (continuation_left_out, None, None),
-            "whole rows": (continuation, False, None), "whole rows, anchors riding": (continuation, False, True)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    try:
-        for round_ in range(args.rounds):
-            for name, (continue_pass, shared_prefix, main_pass_anchors) in ways.items():
-                icelora.shared_prefix.continue_from_prefix = continue_pass
-                Objective.encodes_prefix_once = (prefix_once if shared_prefix is None
-                                                 else lambda self, device, value=shared_prefix: value)
-                Objective.anchors_in_main_pass = (anchors_riding if main_pass_anchors is None
-                                                  else lambda self, device, value=main_pass_anchors: value)
-                editor.revert()
+    times: dict[str, list[float]] = {name: [] for name in WAYS}
+    for round_ in range(args.rounds):
+        for name, patches in WAYS.items():
+            editor.revert()
+            with ExitStack() as patched:
+                for patch in patches():
+                    patched.enter_context(patch)
                 start = time.perf_counter()
                 result = editor.edit(request, progress=False)
                 times[name].append((time.perf_counter() - start) / result.steps * 1000)
-                editor.revert()
-            print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.0f}" for n, t in times.items()) + " ms per step",
-                  flush=True)
-    finally:
-        icelora.shared_prefix.continue_from_prefix = continuation
-        Objective.encodes_prefix_once, Objective.anchors_in_main_pass = prefix_once, anchors_riding
+            editor.revert()
+        print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.0f}" for n, t in times.items()) + " ms per step",
+              flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     saved = medians["as it is"] - medians["left out"]
     print(f"median over {args.rounds} rounds: " + ", ".join(f"{n} {m:.0f}" for n, m in medians.items())
           + f" ms per step; the continuation pass costs {saved:.0f} ms, {saved / medians['as it is']:.0%} of a step")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
