@@ -98,5 +98,6 @@ def main(argv: list[str] | None = None) -> int:
           + f" ms per step; the continuation pass costs {saved:.0f} ms, {saved / medians['as it is']:.0%} of a step")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -245,7 +245,7 @@ def test_the_pass_cost_backward_starts_at_the_first_edited_block(tiny):
     assert len(layers) > 2 and sorted(set(reached)) == list(range(1, len(layers)))
 
 
-def test_continuation_cost_leaves_out_only_the_continuation_pass(tiny_llama_folder, capsys):
+def test_continuation_cost_leaves_out_only_the_continuation_pass(tiny_llama_folder, monkeypatch, capsys):
     """``benchmarks/continuation_cost.py``: "as it is" runs the continuation pass at every step,
     "left out" never does, the whole-row ways run no prefix pass; the printed cost is the
     difference of the medians, and nothing patched outlives the run."""
@@ -262,14 +262,11 @@ def test_continuation_cost_leaves_out_only_the_continuation_pass(tiny_llama_fold
         calls.append(1)
         return real_pass(*args, **kwargs)
 
-    icelora.shared_prefix.continue_from_prefix = counted
-    try:
-        assert continuation_cost.main(["--model", str(tiny_llama_folder), "--edit", "0", "--steps", "2",
-                                       "--rounds", "1"]) == 0
-        assert len(calls) == 2  # the two steps of "as it is" only
-        assert icelora.shared_prefix.continue_from_prefix is counted
-    finally:
-        icelora.shared_prefix.continue_from_prefix = real_pass
+    monkeypatch.setattr(icelora.shared_prefix, "continue_from_prefix", counted)
+    assert continuation_cost.main(["--model", str(tiny_llama_folder), "--edit", "0", "--steps", "2",
+                                   "--rounds", "1"]) == 0
+    assert len(calls) == 2  # the two steps of "as it is" only
+    assert icelora.shared_prefix.continue_from_prefix is counted
     assert (Objective.encodes_prefix_once, Objective.anchors_in_main_pass) == (prefix_once, anchors_riding)
     out = capsys.readouterr().out
     medians = re.search(r"median over 1 rounds: as it is (\d+), left out (\d+), whole rows (\d+), "
