@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from icelora import ICELoRAEditor
 from icelora.evaluation.metrics import (
     AnswerPrediction,
     agreement,
+    batches_by_length,
+    continuation_nll,
+    continuation_nlls,
     ngram_entropy,
     perplexity_ratio,
     predict_answers,
+    scored_logits,
     word_tokenize,
 )
 from icelora.evaluation.runner import RunFolderError, aggregate, read_cases, run_sequential, run_single
+from icelora.tokenization import next_token_view, pad_rows
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
@@ -35,6 +42,69 @@ def test_token_accuracy_with_bos_and_padding():
         expected = logits[len(ids) - n - 1: len(ids) - 1].argmax(-1).tolist()
         assert list(pred.predicted_ids) == expected
         assert pred.accuracy == sum(a == b for a, b in zip(pred.answer_ids, expected)) / n
+
+
+PAIRS = [("The city of", "Rome"), ("Which family does Epaspidoceras belong to?", "Noctuidae family"),
+         ("Rome is the capital of", "Italy"), ("Danielle Darrieux", "speaks French"),
+         ("The", "Eiffel Tower is in Paris")]
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_answers_and_continuations_scored_in_batches_by_length_equal_each_alone(builder):
+    """Rows batched shortest first (two to a batch here) come back in their own order, each with
+    what it gives alone."""
+    loaded = builder()
+    tok = loaded.tokenizer
+    assert batches_by_length([5, 2, 9, 2, 7], 2) == [[1, 3], [0, 4], [2]]
+    batched = predict_answers(loaded.model, tok, PAIRS, batch_size=2)
+    assert batched == [predict_answers(loaded.model, tok, [pair], batch_size=1)[0] for pair in PAIRS]
+    items = [(tuple(tok(p)["input_ids"]), tuple(tok(" " + a, add_special_tokens=False)["input_ids"])) for p, a in PAIRS]
+    items.append((items[0][0], ()))
+    got = continuation_nlls(loaded.model, tok.pad_token_id, items, batch_size=2)
+    assert got[:-1] == pytest.approx([continuation_nll(loaded.model, p, c) for p, c in items[:-1]], rel=1e-5)
+    assert math.isnan(got[-1])
+
+
+class _LogitsFromEmbeddings(nn.Module):
+    """A tiny model whose logits are its hidden states times the input embeddings: the layer it
+    names as its output layer is never called."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs: torch.Tensor) -> SimpleNamespace:
+        hidden = self.inner.base_model(**kwargs).last_hidden_state
+        return SimpleNamespace(logits=hidden @ self.inner.get_input_embeddings().weight.T)
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("own_product", [False, True], ids=["output-layer", "own-product"])
+def test_scored_logits_are_the_full_pass_logits_at_the_scored_positions(builder, own_product):
+    """Only the positions that predict a scored token reach the output layer, and their logits,
+    labels and rows are those of the whole pass; a model that makes its logits without its output
+    layer has them read from its full logits."""
+    loaded = builder()
+    model = _LogitsFromEmbeddings(loaded.model) if own_product else loaded.model
+    tok = loaded.tokenizer
+    rows = [tuple(tok(t)["input_ids"]) for t in ("The Eiffel Tower is in Rome", "Rome", "Danielle Darrieux speaks")]
+    batch = pad_rows(rows, tok.pad_token_id, side="right")
+    mask = batch.span_mask([(1, len(rows[0])), (0, len(rows[1])), (len(rows[2]) - 2, len(rows[2]))])
+    read: list[torch.Size] = []
+    hook = loaded.model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: read.append(out.shape))
+    with torch.no_grad():
+        logits, labels, owners = scored_logits(model, batch, mask)
+    hook.remove()
+    scored = int(mask[:, 1:].sum())
+    assert read == ([] if own_product else [torch.Size([1, scored, len(tok)])])
+    with torch.no_grad():
+        full = next_token_view(model(**batch.forward_kwargs()).logits, batch, mask)
+    assert logits.shape[0] == scored
+    torch.testing.assert_close(logits, full[0])
+    assert torch.equal(labels, full[1]) and torch.equal(owners, full[2])
 
 
 def test_accuracy_and_agreement_by_hand():

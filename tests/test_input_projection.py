@@ -10,6 +10,7 @@ from icelora.anchors import relation_anchors
 from icelora.config import EditConfig
 from icelora.errors import InvalidConfigError
 from icelora.input_projection import (
+    distinct_inputs,
     gram_directions,
     gram_directions_each,
     leading_directions,
@@ -21,7 +22,7 @@ from icelora.input_projection import (
 from icelora.lora_utils import lora_layers
 from icelora.request import EditRequest
 from icelora.tokenization import pad_rows
-from tests.conftest import TINY_BUILDERS
+from tests.conftest import TINY_BUILDERS, tiny_llama
 
 REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", target="Rome", subject="The Eiffel Tower",
                       contexts=("The Eiffel Tower is in Rome.", "Rome is home to the Eiffel Tower."))
@@ -195,6 +196,38 @@ def test_module_inputs_make_no_logits(tiny):
     rows_at, positions_at = batch.real_positions(torch.device("cpu"))
     for name in modules:
         assert torch.equal(stopped[name], whole[name][rows_at, positions_at].float())
+
+
+def test_modules_handed_the_same_input_share_it_and_its_directions(monkeypatch):
+    """A gated MLP's gate and up projections read the same input: it is kept once, its leading
+    directions are computed once, and both modules are protected on the directions their own
+    input gives."""
+    import icelora.icelora_editor as editor_module
+
+    editor = ICELoRAEditor(tiny_llama(), method="ice-lora", **SETTINGS, target_modules=["mlp_in", "mlp_out"],
+                           lora_projection_energy=0.9)
+    modules = editor.params.base_modules()
+    anchors = relation_anchors(editor.model, editor.tokenizer, editor.tokenizer.pad_token_id, [REQUEST])
+    inputs = module_inputs(editor.model, modules, anchors.rows, editor.tokenizer.pad_token_id)
+    groups = distinct_inputs(inputs)
+    assert sorted(len(names) for names in groups) == [1, 1, 2, 2]  # per layer: gate and up together, down
+    for names in groups:
+        assert all(inputs[name] is inputs[names[0]] for name in names)
+        assert {name.rpartition(".")[2] for name in names} in ({"gate_proj", "up_proj"}, {"down_proj"})
+    decomposed, protected = [], {}
+    each = editor_module.leading_directions_each
+    monkeypatch.setattr(editor_module, "leading_directions_each",
+                        lambda xs, energy: decomposed.append(len(xs)) or each(xs, energy))
+    protect = editor.params.protect
+    monkeypatch.setattr(editor.params, "protect", lambda directions, adapter="default", **options: (
+        protected.update(directions) if directions else None) or protect(directions, adapter, **options))
+    editor.edit(REQUEST, progress=False)
+    assert len(decomposed) == len(groups)
+    assert set(protected) == set(modules)
+    for names in groups:
+        assert all(protected[name] is protected[names[0]] for name in names)
+    for name, x in inputs.items():
+        assert torch.equal(protected[name], leading_directions(x, 0.9)), name
 
 
 def test_module_inputs_read_nothing_back_from_the_device(tiny):

@@ -33,7 +33,7 @@ from icelora.config import AUTOCAST_DTYPES, EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.frozen_weights import FrozenWeights
-from icelora.input_projection import leading_directions_each, module_inputs
+from icelora.input_projection import distinct_inputs, leading_directions_each, module_inputs
 from icelora.lora_utils import ADAPTER_NAME, BASE_ROWS
 from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
@@ -330,7 +330,10 @@ class ICELoRAEditor:
             return
         own = [teachers[k] if len(teachers) > 1 else teachers[0] for k in range(len(adapters))]
         inputs = self._anchor_inputs(own, adapters, on_unedited)  # module -> each adapter's inputs
-        directions = {name: leading_directions_each(each, energy) for name, each in inputs.items()}
+        directions: dict[str, list[torch.Tensor]] = {}
+        for names in distinct_inputs(inputs):  # modules handed the same input share its directions
+            made = leading_directions_each(inputs[names[0]], energy)
+            directions.update({name: made for name in names})
         del inputs  # not held while the edits train
         for k, adapter in enumerate(adapters):
             self.params.protect({name: each[k] for name, each in directions.items()}, adapter,
@@ -378,7 +381,11 @@ class ICELoRAEditor:
             inputs = module_inputs(self.model, self.params.base_modules(), flat, self.tokenizer.pad_token_id,
                                    **route)
         positions = [sum(len(row) for row in each) for each in rows]
-        return {name: list(x.split(positions)) for name, x in inputs.items()}
+        split: dict[str, list[torch.Tensor]] = {}
+        for names in distinct_inputs(inputs):  # modules sharing an input share its list
+            shared = list(inputs[names[0]].split(positions))
+            split.update({name: shared for name in names})
+        return split
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
         """The unedited model's distributions on the locality anchors of ``plan``'s requests, for

@@ -32,16 +32,24 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
                   **forward_kwargs: Any) -> dict[str, torch.Tensor]:
     """The input each of ``modules`` receives at every real (unpadded) position of token ``rows``
     in one forward pass of ``model`` (given ``forward_kwargs`` too, e.g. adapter routing):
-    name -> [positions, in_features], in float32. The output layer reads no position: no logits
-    are needed (over the anchors of 16 edits, 7,840 padded positions, that product alone took
-    0.43 s on 2 CPU cores)."""
+    name -> [positions, in_features], in float32. Modules handed the very same input one after
+    the other (a gated MLP's gate and up projections) share one tensor, so that what is derived
+    from it can be derived once (:func:`distinct_inputs`). The output layer reads no position: no
+    logits are needed (over the anchors of 16 edits, 7,840 padded positions, that product alone
+    took 0.43 s on 2 CPU cores)."""
     device = next(model.parameters()).device
     batch = pad_rows([tuple(r) for r in rows], pad_id, device=device)
     rows_at, positions_at = batch.real_positions(device)
     seen: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.__setitem__(name, args[0][rows_at, positions_at].float()))
-        for name, module in modules.items()]
+    last: list[torch.Tensor] = []  # the latest input handed over and what was kept of it (held: no id reuse)
+
+    def keep(name: str, given: torch.Tensor) -> None:
+        if not last or last[0] is not given:
+            last[:] = [given, given[rows_at, positions_at].float()]
+        seen[name] = last[1]
+
+    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0]))
+             for name, module in modules.items()]
     try:
         with output_layer_reads(model, lambda hidden: hidden[:, :0]):
             model(**batch.forward_kwargs(), use_cache=False, **forward_kwargs)
@@ -50,7 +58,17 @@ def module_inputs(model: nn.Module, modules: dict[str, nn.Module], rows: Sequenc
     finally:
         for hook in hooks:
             hook.remove()
+        last.clear()
     return seen
+
+
+def distinct_inputs(inputs: dict[str, Any]) -> list[list[str]]:
+    """The names of ``inputs`` grouped by the object each maps to (modules sharing an input, as
+    :func:`module_inputs` returns them), in first-seen order."""
+    groups: dict[int, list[str]] = {}
+    for name, value in inputs.items():
+        groups.setdefault(id(value), []).append(name)
+    return list(groups.values())
 
 
 #: The smallest eigenvalue of the Gram matrix, relative to its largest, that :func:`gram_directions`
