@@ -33,7 +33,7 @@ from unittest import mock
 
 import icelora
 from icelora import ICELoRAEditor, load_model
-from icelora.data_utils.dataset import load_dataset, resolve_dataset
+from icelora.data_utils.dataset import BenchmarkRecord, load_dataset, resolve_dataset
 from icelora.evaluation import runner
 from icelora.methods import config_from_file
 
@@ -53,7 +53,7 @@ def timed(function: Callable[..., Any], name: str, seconds: dict[str, float]) ->
     return wrapper
 
 
-def baseline_seconds(editor: ICELoRAEditor, records: list, seed: int) -> float:
+def baseline_seconds(editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int) -> float:
     """Wall seconds to make and store the unedited baselines of ``records`` as a run does."""
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -61,7 +61,8 @@ def baseline_seconds(editor: ICELoRAEditor, records: list, seed: int) -> float:
         return time.perf_counter() - start
 
 
-def evaluation_seconds(editor: ICELoRAEditor, records: list, seed: int) -> tuple[float, dict[str, float]]:
+def evaluation_seconds(editor: ICELoRAEditor, records: list[BenchmarkRecord],
+                       seed: int) -> tuple[float, dict[str, float]]:
     """Wall seconds of :func:`measure_edited_many` on ``records`` edited together, and by part."""
     baselines = runner.measure_baselines(editor, records, seed)
     parts: dict[str, float] = {}

@@ -92,11 +92,12 @@ def test_scored_logits_are_the_full_pass_logits_at_the_scored_positions(builder,
     tok = loaded.tokenizer
     rows = [tuple(tok(t)["input_ids"]) for t in ("The Eiffel Tower is in Rome", "Rome", "Danielle Darrieux speaks")]
     batch = pad_rows(rows, tok.pad_token_id, side="right")
-    mask = batch.span_mask([(1, len(rows[0])), (0, len(rows[1])), (len(rows[2]) - 2, len(rows[2]))])
+    spans = [(1, len(rows[0])), (0, len(rows[1])), (len(rows[2]) - 2, len(rows[2]))]
+    mask = batch.span_mask(spans)
     read: list[torch.Size] = []
     hook = loaded.model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: read.append(out.shape))
     with torch.no_grad():
-        logits, labels, owners = scored_logits(model, batch, mask)
+        logits, labels, owners = scored_logits(model, batch, spans)
     hook.remove()
     scored = int(mask[:, 1:].sum())
     assert read == ([] if own_product else [torch.Size([1, scored, len(tok)])])

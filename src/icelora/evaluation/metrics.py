@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from icelora.output_layer import OutputLayerNotCalledError, output_layer_reads
-from icelora.tokenization import PaddedBatch, encode_prompt_target, next_token_view, pad_rows
+from icelora.tokenization import PaddedBatch, encode_prompt_target, pad_rows, span_index
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -48,27 +48,27 @@ def routing(adapters: list[str] | None, rows: Sequence[int] | None = None) -> di
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices ``0..len(lengths)-1`` in batches of ``batch_size``, shortest rows first, so that
     rows of similar length are padded together. (Splitting a batch further, so that short rows are
-    never padded to a long one's width, changes a perplexity's rounding: by up to 1e-5 of it.)"""
+    never padded to a long one's width, would change the perplexities' rounding: reports/speed.md.)"""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def scored_logits(model: nn.Module, batch: PaddedBatch, token_mask: torch.Tensor, **forward_kwargs: Any
+def scored_logits(model: nn.Module, batch: PaddedBatch, spans: list[tuple[int, int]], **forward_kwargs: Any
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`next_token_view` of one forward pass over ``batch``, with the output layer run at the
-    positions that predict the tokens of ``token_mask`` only (the same logits there; a prompt's,
-    a padding's and the last position's are never made: in a batch of 100-token samples and short
-    targets, most of the positions). A model whose forward pass does not call the layer
+    """(logits [N, V], labels [N], row index [N]) of the tokens ``spans[i] = (start, end)`` of each
+    row i (unpadded positions; a row's first token has no position before it and is not scored),
+    in :func:`~icelora.tokenization.next_token_view`'s order, from one forward pass over ``batch``
+    whose output layer runs only at the N positions that predict them
+    (:func:`~icelora.tokenization.span_index`): no logits are made at a prompt's, a padding's or
+    the last position. A model whose forward pass does not call the layer
     :func:`~icelora.output_layer.output_layer` names makes all its logits, and those are read."""
-    shifted = token_mask[:, 1:]  # position t predicts token t + 1
-    rows_at, positions_at = shifted.nonzero(as_tuple=True)
-    labels = batch.input_ids[:, 1:][shifted]
+    index = span_index(batch, [(max(start, 1), max(end, 1)) for start, end in spans], batch.input_ids.device)
     try:
-        with output_layer_reads(model, lambda hidden: hidden[rows_at, positions_at][None]):
+        with output_layer_reads(model, lambda hidden: hidden[index.rows, index.positions - 1][None]):
             out = model(**batch.forward_kwargs(), **forward_kwargs)
     except OutputLayerNotCalledError:
-        return next_token_view(out.logits, batch, token_mask)
-    return out.logits[0], labels, rows_at
+        return index.logits(out.logits), index.labels(batch.input_ids), index.rows
+    return out.logits[0], index.labels(batch.input_ids), index.rows
 
 
 @torch.no_grad()
@@ -82,18 +82,18 @@ def predict_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs:
     """
     device = next(model.parameters()).device
     encoded = [encode_prompt_target(tokenizer, prompt, answer, strict=False) for prompt, answer in pairs]
-    out: list[AnswerPrediction | None] = [None] * len(encoded)
+    out: dict[int, AnswerPrediction] = {}
     for chunk in batches_by_length([len(e.ids) for e in encoded], batch_size):
         mine = [encoded[i] for i in chunk]
         batch = pad_rows([e.ids for e in mine], tokenizer.pad_token_id, side="right", device=device)
-        mask = batch.span_mask([(e.target_start, len(e.ids)) for e in mine])
-        logits, _, rows = scored_logits(model, batch, mask, **routing(adapters, chunk))
+        logits, _, rows = scored_logits(model, batch, [(e.target_start, len(e.ids)) for e in mine],
+                                        **routing(adapters, chunk))
         predicted = logits.argmax(-1).tolist()
         row_ids = rows.tolist()
         for k, (i, enc) in enumerate(zip(chunk, mine)):
             out[i] = AnswerPrediction(answer_ids=enc.target_ids,
                                       predicted_ids=tuple(p for p, r in zip(predicted, row_ids) if r == k))
-    return [prediction for prediction in out if prediction is not None]
+    return [out[i] for i in range(len(encoded))]
 
 
 def agreement(edited: AnswerPrediction, unedited: AnswerPrediction) -> float:
@@ -191,8 +191,7 @@ def continuation_nlls(model: nn.Module, pad_id: int, items: list[tuple[tuple[int
     for chunk in batches_by_length([len(p) + len(c) for p, c in items], batch_size):
         mine = [items[i] for i in chunk]
         batch = pad_rows([tuple(p) + tuple(c) for p, c in mine], pad_id, side="right", device=device)
-        mask = batch.span_mask([(len(p), len(p) + len(c)) for p, c in mine])
-        pred, labels, rows = scored_logits(model, batch, mask)
+        pred, labels, rows = scored_logits(model, batch, [(len(p), len(p) + len(c)) for p, c in mine])
         nll = F.cross_entropy(pred.float(), labels, reduction="none")
         sums = torch.zeros(len(mine), device=device).index_add(0, rows, nll).tolist()
         for i, total, (_, c) in zip(chunk, sums, mine):

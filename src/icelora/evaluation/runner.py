@@ -129,9 +129,9 @@ class BaselineStore:
     def fill(self, editor: ICELoRAEditor, records: list[BenchmarkRecord], seed: int, batch_size: int = 64,
              progress: bool = True) -> None:
         """Measure (with the editor's model as it is: call on the unedited one) and store the
-        records that have no baseline yet, ``batch_size`` at a time: a decode pass over 64 rows
-        costs little more than one over 16 on a CPU, and on the embedded model all 1301 ZsRE
-        records get the same baselines, byte for byte, as 16 at a time."""
+        records that have no baseline yet, ``batch_size`` at a time. 64 at a time take half the
+        time of 16 on 2 CPU cores, and give all 1301 ZsRE records of the embedded model the same
+        baselines byte for byte (``benchmarks/evaluation_speed.py``, README "Speed (measured)")."""
         missing = [r for r in records if r.index not in self.items]
         for start in progress_bar(range(0, len(missing), batch_size), progress, desc="unedited baselines"):
             chunk = missing[start: start + batch_size]
