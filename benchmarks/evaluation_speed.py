@@ -37,9 +37,10 @@ from icelora.data_utils.dataset import BenchmarkRecord, load_dataset, resolve_da
 from icelora.evaluation import runner
 from icelora.methods import config_from_file
 
-#: The parts of an edited group's evaluation: (module or object attribute, printed name).
-PARTS = (("teacher_forced_scores", "teacher-forced metrics"), ("generate_many", "greedy answers"),
-         ("sample_texts", "fluency samples"), ("continuation_nlls", "perplexities"))
+#: The parts of an edited group's evaluation: (where the function is looked up, its name, printed name).
+PARTS: tuple[tuple[Any, str, str], ...] = (
+    (runner, "teacher_forced_scores", "teacher-forced metrics"), (ICELoRAEditor, "generate_many", "greedy answers"),
+    (runner, "sample_texts", "fluency samples"), (runner, "continuation_nlls", "perplexities"))
 
 
 def timed(function: Callable[..., Any], name: str, seconds: dict[str, float]) -> Callable[..., Any]:
@@ -67,8 +68,7 @@ def evaluation_seconds(editor: ICELoRAEditor, records: list[BenchmarkRecord],
     baselines = runner.measure_baselines(editor, records, seed)
     parts: dict[str, float] = {}
     with editor.edit_each([r.request for r in records], progress=False, together=True) as edits, ExitStack() as stack:
-        for attribute, name in PARTS:
-            owner: Any = editor if attribute == "generate_many" else runner
+        for owner, attribute, name in PARTS:
             stack.enter_context(mock.patch.object(owner, attribute, timed(getattr(owner, attribute), name, parts)))
         start = time.perf_counter()
         runner.measure_edited_many(editor, records, baselines, seed, adapters=edits.adapters)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unedited baselines: {made:.1f} s for {len(for_baselines)} records, "
           f"{made / len(for_baselines):.3f} s per record")
     print(f"evaluation of {len(group)} edits together: {total:.1f} s, {total / len(group):.3f} s per case; "
-          + ", ".join(f"{name} {parts.get(name, 0.0):.1f} s" for _, name in PARTS))
+          + ", ".join(f"{name} {parts.get(name, 0.0):.1f} s" for *_, name in PARTS))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -280,22 +280,20 @@ def test_evaluation_speed_times_the_baselines_and_each_part_and_puts_them_back(t
     function it timed is the same object again after the run."""
     import evaluation_speed
 
-    from icelora.evaluation import runner
     from tests.test_dataset import KNOWEDIT_ZSRE
 
     data = tmp_path / "zsre.json"
     targets = ("Noctuidae", "Rome", "Paris")
     data.write_text(json.dumps([{**KNOWEDIT_ZSRE[0], "target_new": target} for target in targets]))
-    timed = [attribute for attribute, _ in evaluation_speed.PARTS if attribute != "generate_many"]
-    before = [getattr(runner, attribute) for attribute in timed]
+    before = [getattr(owner, attribute) for owner, attribute, _ in evaluation_speed.PARTS]
     out = tmp_path / "timings.json"
     assert evaluation_speed.main(["--model", str(tiny_llama_folder), "--dataset", str(data), "--baselines", "0:3",
                                   "--group", "1:3", "--steps", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (result["baseline_records"], result["group_cases"]) == (3, 2)
     parts = result["evaluation_parts_seconds"]
-    assert set(parts) == {name for _, name in evaluation_speed.PARTS}
+    assert set(parts) == {name for *_, name in evaluation_speed.PARTS}
     assert 0 < sum(parts.values()) <= result["evaluation_seconds"]
     assert result["evaluation_seconds_per_case"] == pytest.approx(result["evaluation_seconds"] / 2)
-    assert [getattr(runner, attribute) for attribute in timed] == before
+    assert [getattr(owner, attribute) for owner, attribute, _ in evaluation_speed.PARTS] == before
     assert "s per record" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from icelora.input_projection import (
     leading_directions,
     leading_directions_each,
     module_inputs,
+    per_distinct_input,
     project_off,
     svd_directions,
 )
@@ -196,6 +197,19 @@ def test_module_inputs_make_no_logits(tiny):
     rows_at, positions_at = batch.real_positions(torch.device("cpu"))
     for name in modules:
         assert torch.equal(stopped[name], whole[name][rows_at, positions_at].float())
+
+
+def test_per_distinct_input_derives_once_per_object_in_the_inputs_order():
+    """Names mapping to the very same object get one derived value between them; equal but
+    distinct objects are derived each on their own; the names keep their order."""
+    shared, alone, equal = torch.ones(2), torch.zeros(2), torch.ones(2)
+    inputs = {"gate": shared, "down": alone, "up": shared, "other": equal}
+    calls: list[torch.Tensor] = []
+    derived = per_distinct_input(inputs, lambda x: calls.append(x) or [x * 2])
+    assert [id(x) for x in calls] == [id(shared), id(alone), id(equal)]
+    assert list(derived) == ["gate", "down", "up", "other"]
+    assert derived["gate"] is derived["up"] and derived["other"] is not derived["gate"]
+    assert distinct_inputs(inputs) == [["gate", "up"], ["down"], ["other"]]
 
 
 def test_modules_handed_the_same_input_share_it_and_its_directions(monkeypatch):

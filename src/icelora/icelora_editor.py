@@ -33,7 +33,7 @@ from icelora.config import AUTOCAST_DTYPES, EditConfig
 from icelora.editing_loop import StepRecord, autocast, run_edit_loop, run_independent_edit_loop
 from icelora.errors import AdapterFolderError, InvalidConfigError, InvalidRequestError
 from icelora.frozen_weights import FrozenWeights
-from icelora.input_projection import distinct_inputs, leading_directions_each, module_inputs
+from icelora.input_projection import leading_directions_each, module_inputs, per_distinct_input
 from icelora.lora_utils import ADAPTER_NAME, BASE_ROWS
 from icelora.losses import EditPlan, LossParts, Objective, build_plan
 from icelora.methods import method_config
@@ -330,10 +330,8 @@ class ICELoRAEditor:
             return
         own = [teachers[k] if len(teachers) > 1 else teachers[0] for k in range(len(adapters))]
         inputs = self._anchor_inputs(own, adapters, on_unedited)  # module -> each adapter's inputs
-        directions: dict[str, list[torch.Tensor]] = {}
-        for names in distinct_inputs(inputs):  # modules handed the same input share its directions
-            made = leading_directions_each(inputs[names[0]], energy)
-            directions.update({name: made for name in names})
+        # modules handed the same input share its directions
+        directions = per_distinct_input(inputs, lambda each: leading_directions_each(each, energy))
         del inputs  # not held while the edits train
         for k, adapter in enumerate(adapters):
             self.params.protect({name: each[k] for name, each in directions.items()}, adapter,
@@ -381,11 +379,7 @@ class ICELoRAEditor:
             inputs = module_inputs(self.model, self.params.base_modules(), flat, self.tokenizer.pad_token_id,
                                    **route)
         positions = [sum(len(row) for row in each) for each in rows]
-        split: dict[str, list[torch.Tensor]] = {}
-        for names in distinct_inputs(inputs):  # modules sharing an input share its list
-            shared = list(inputs[names[0]].split(positions))
-            split.update({name: shared for name in names})
-        return split
+        return per_distinct_input(inputs, lambda x: list(x.split(positions)))  # shared input, shared list
 
     def anchor_teachers(self, plan: EditPlan) -> list[AnchorTeacher] | None:
         """The unedited model's distributions on the locality anchors of ``plan``'s requests, for
